@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['cifar_layouts', 'digits_dls', 'load_cifar', 'PadCropFlip', 'cifar_dls', 'write_fake_cifar']
 
-# %% ../nbs/09_data.ipynb #4a348e65
+# %% ../nbs/09_data.ipynb #48a41666
 import pickle
 from pathlib import Path
 import numpy as np
@@ -16,7 +16,7 @@ from fastai.data.core import Datasets
 from fastai.data.transforms import ItemGetter, Categorize, IntToFloatTensor, Normalize
 from fastai.data.transforms import Transform
 
-# %% ../nbs/09_data.ipynb #659c12f3
+# %% ../nbs/09_data.ipynb #657ebcfa
 def _split_by_class(labels, valid_pct, n_per_class, seed):
     rng = np.random.RandomState(seed)
     train, valid = [], []
@@ -27,17 +27,26 @@ def _split_by_class(labels, valid_pct, n_per_class, seed):
         train += idx[n_valid:][:n_per_class].tolist()
     return sorted(train), sorted(valid)
 
+def _noisy_labels(labels, idxs, frac, seed, n_classes=10):
+    "Copy of `labels` where a random `frac` of `idxs` get a different class, chosen uniformly"
+    rng = np.random.RandomState(seed + 1)
+    labels, idxs = labels.copy(), np.asarray(idxs)
+    flip = rng.choice(idxs, int(round(frac * len(idxs))), replace=False)
+    labels[flip] = (labels[flip] + rng.randint(1, n_classes, len(flip))) % n_classes
+    return labels
+
 def _make_dls(images, labels, splits, vocab, bs, after_batch, device, **kwargs):
     items = [(TensorImage(img), vocab[lbl]) for img, lbl in zip(images, labels)]
     dsets = Datasets(items, tfms=[[ItemGetter(0)], [ItemGetter(1), Categorize(vocab=vocab, sort=False)]], splits=splits)
     return dsets.dataloaders(bs=bs, after_batch=after_batch, device=device, num_workers=0, **kwargs)
 
-# %% ../nbs/09_data.ipynb #1a3edd37
+# %% ../nbs/09_data.ipynb #bd44e634
 def digits_dls(size:int=32, # images are resized to size×size
                valid_pct:float=0.25, # fraction of each class held out for validation
                n_per_class:int=None, # keep this many training images per class (None: all)
+               label_noise:float=0., # fraction of training labels replaced by a random other class
                bs:int=64, # batch size
-               seed:int=0, # fixes the split
+               seed:int=0, # fixes the split and the noisy labels
                device=None, **kwargs):
     "scikit-learn's digits as fastai `DataLoaders` of 3×`size`×`size` images with a stratified validation split"
     from sklearn.datasets import load_digits
@@ -48,12 +57,14 @@ def digits_dls(size:int=32, # images are resized to size×size
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.
     if size != 8: images = F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False)
     images = images.expand(-1, 3, -1, -1).contiguous()
+    if not 0 <= label_noise < 1: raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
     train, valid = _split_by_class(labels, valid_pct, n_per_class, seed)
+    if label_noise: labels = _noisy_labels(labels, train, label_noise, seed)
     mean, std = images[train].mean().item(), images[train].std().item()
     norm = Normalize.from_stats([mean] * 3, [std] * 3, cuda=False)
     return _make_dls(images, labels, (train, valid), list(range(10)), bs, [norm], device, **kwargs)
 
-# %% ../nbs/09_data.ipynb #3562f1c6
+# %% ../nbs/09_data.ipynb #fe4085ff
 cifar_layouts = {10: ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'],
                       'batches.meta', 'labels', 'label_names'),
                  100: ('cifar-100-python', ['train'], ['test'], 'meta', 'fine_labels', 'fine_label_names')}
@@ -96,7 +107,7 @@ def load_cifar(path, n_classes:int=100):
     if bad: raise ValueError(f"{folder}: labels must be in 0..{n_classes-1}, found {bad[0]}")
     return x_train, y_train, x_test, y_test, list(meta_d[names_key])
 
-# %% ../nbs/09_data.ipynb #21d5c1d2
+# %% ../nbs/09_data.ipynb #c55778ef
 class PadCropFlip(Transform):
     "Training-batch augmentation: zero-pad by `pad`, random crop back to size, random horizontal flip"
     split_idx,order = 0,5
@@ -114,7 +125,7 @@ class PadCropFlip(Transform):
         out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols] # b×h×w×c
         return TensorImage(out.permute(0, 3, 1, 2).contiguous())
 
-# %% ../nbs/09_data.ipynb #a3c3d794
+# %% ../nbs/09_data.ipynb #cb1afdd1
 def cifar_dls(path, # folder holding cifar-100-python/ or cifar-10-batches-py/ (or that folder itself)
               n_classes:int=100, # 10 or 100
               bs:int=128, # batch size (the paper's)
@@ -129,7 +140,7 @@ def cifar_dls(path, # folder holding cifar-100-python/ or cifar-10-batches-py/ (
     splits = (list(range(n_train)), list(range(n_train, n_train + len(x_test))))
     return _make_dls(torch.cat([x_train, x_test]), np.concatenate([y_train, y_test]), splits, names, bs, tfms, device, **kwargs)
 
-# %% ../nbs/09_data.ipynb #ae0625ac
+# %% ../nbs/09_data.ipynb #fdadf0a5
 def write_fake_cifar(path, n_classes:int=100, n_train:int=64, n_test:int=32, seed:int=0):
     "Write a small random data set in the CIFAR-`n_classes` python format under `path` (for tests and examples)"
     folder, train, test, meta, label_key, names_key = cifar_layouts[n_classes]

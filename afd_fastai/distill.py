@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['distill_loss', 'DistillCallback']
 
-# %% ../nbs/04_distill.ipynb #fba66232
+# %% ../nbs/04_distill.ipynb #ca39ebc4
 from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 from .losses import soft_kl
 from .topology import Topology, as_topology
 
-# %% ../nbs/04_distill.ipynb #fd6d3a7d
+# %% ../nbs/04_distill.ipynb #a1013e26
 def distill_loss(preds, # K logit tensors
                  topology:Topology, # who learns from whom
                  T:float=3.): # softmax temperature
@@ -21,7 +21,7 @@ def distill_loss(preds, # K logit tensors
         if teachers: total = total + sum(soft_kl(preds[k], preds[j], T) for j in teachers) / len(teachers)
     return total
 
-# %% ../nbs/04_distill.ipynb #2da3828e
+# %% ../nbs/04_distill.ipynb #cd24d94e
 class DistillCallback(Callback):
     "Add `weight`·T²·KL between networks (who learns from whom: `topology`) to the training loss"
     run_valid = False

@@ -6,7 +6,7 @@
 __all__ = ['distill_methods', 'paper_sgd', 'register_method', 'vanilla_callbacks', 'dml_callbacks', 'resolve_model', 'AFDLearner',
            'afd_learner', 'MultiStepSchedule']
 
-# %% ../nbs/08_learner.ipynb #6ee27836
+# %% ../nbs/08_learner.ipynb #4f21cff0
 import inspect
 from functools import partial
 import torch
@@ -25,7 +25,7 @@ from .losses import PeerLoss
 from .distill import DistillCallback
 from .metrics import peer_metrics
 
-# %% ../nbs/08_learner.ipynb #c2ca46f3
+# %% ../nbs/08_learner.ipynb #d528a723
 distill_methods = {}
 
 def register_method(name:str, make_callbacks):
@@ -43,7 +43,7 @@ def dml_callbacks(n, T=3., kd_weight=1., topology=None, **settings):
 register_method('vanilla', vanilla_callbacks)
 register_method('dml', dml_callbacks)
 
-# %% ../nbs/08_learner.ipynb #4dc4fdb8
+# %% ../nbs/08_learner.ipynb #5898e936
 def resolve_model(spec, n_out:int=None):
     "An `nn.Module` from a module, a zoo name (`'resnet32'`) or a constructor, built with `n_out` classes"
     if isinstance(spec, nn.Module): return spec
@@ -60,7 +60,7 @@ def resolve_model(spec, n_out:int=None):
         return spec()
     raise TypeError(f"Cannot make a network from {spec!r}: give an nn.Module, a zoo name or a constructor")
 
-# %% ../nbs/08_learner.ipynb #c074f474
+# %% ../nbs/08_learner.ipynb #30f495fc
 class AFDLearner(Learner):
     "A `Learner` training the networks of a `PeerModel` together"
     @property
@@ -77,7 +77,7 @@ class AFDLearner(Learner):
         return Learner(self.dls, self.model.models[k], loss_func=CrossEntropyLossFlat(), metrics=metrics,
                        opt_func=self.opt_func, lr=self.lr, wd=self.wd, path=self.path, model_dir=self.model_dir, **kwargs)
 
-# %% ../nbs/08_learner.ipynb #23c17711
+# %% ../nbs/08_learner.ipynb #478d8f3b
 paper_sgd = partial(SGD, mom=0.9, decouple_wd=False)
 
 def _check_outputs(model, x, n_out):
@@ -89,7 +89,7 @@ def _check_outputs(model, x, n_out):
             raise ValueError(f"Network {k} ({model.names[k]}) outputs {size} classes but {want} are expected "
                              f"(the data's class count, or network 0's): build every network with n_out={want}")
 
-# %% ../nbs/08_learner.ipynb #349c6e63
+# %% ../nbs/08_learner.ipynb #72fd3f56
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors
@@ -125,7 +125,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     learn.method = method
     return learn
 
-# %% ../nbs/08_learner.ipynb #3db335a5
+# %% ../nbs/08_learner.ipynb #1232227d
 class MultiStepSchedule:
     "`start` multiplied by `gamma` at each milestone (a fraction of training) passed"
     def __init__(self, start, milestones=(0.5, 0.75), gamma:float=0.1): self.start,self.milestones,self.gamma = start,tuple(milestones),gamma

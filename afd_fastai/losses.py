@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['soft_kl', 'PeerLoss']
 
-# %% ../nbs/02_losses.ipynb #27378132
+# %% ../nbs/02_losses.ipynb #04f11e71
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/02_losses.ipynb #9bc9f74d
+# %% ../nbs/02_losses.ipynb #a8cd6b9a
 def soft_kl(student:torch.Tensor, # logits of the network that learns, B×C
             teacher:torch.Tensor, # logits of the network it learns from, B×C (detached)
             T:float=3.): # softmax temperature
@@ -18,7 +18,7 @@ def soft_kl(student:torch.Tensor, # logits of the network that learns, B×C
     log_p_teacher = F.log_softmax(teacher.detach().float() / T, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction='batchmean') * T**2
 
-# %% ../nbs/02_losses.ipynb #83f8c212
+# %% ../nbs/02_losses.ipynb #ffbf3f5a
 class PeerLoss:
     "Sum of the networks' cross-entropies, each kept as `ce_<name>`"
     def __init__(self, names:list, # one per network, for the `ce_<name>` attributes

@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['ensemble_probs', 'OnPeer', 'PeerAverage', 'OnEnsemble', 'NamedMetric', 'peer_metrics']
 
-# %% ../nbs/07_metrics.ipynb #191fa06b
+# %% ../nbs/07_metrics.ipynb #185a4a21
 import torch
 from fastai.metrics import AvgMetric, accuracy
 
-# %% ../nbs/07_metrics.ipynb #24385e3e
+# %% ../nbs/07_metrics.ipynb #7a309608
 def ensemble_probs(preds):
     "The ensemble's prediction: the networks' softmax outputs averaged"
     return torch.stack([p.float().softmax(dim=-1) for p in preds]).mean(0)
@@ -35,7 +35,7 @@ class NamedMetric(AvgMetric):
     @property
     def name(self): return self._name
 
-# %% ../nbs/07_metrics.ipynb #b8d5379e
+# %% ../nbs/07_metrics.ipynb #9852c7bc
 def peer_metrics(names:list, # the networks' names (`PeerModel.names`)
                  func=accuracy, # a fastai metric function of (pred, targ)
                  prefix:str='acc'): # column prefix

@@ -7,13 +7,13 @@ __all__ = ['model_zoo', 'BodyHeadNet', 'pool_linear_head', 'conv3x3', 'BasicBloc
            'resnet44', 'resnet56', 'resnet110', 'WideBlock', 'wide_resnet', 'wrn16_2', 'wrn16_4', 'wrn28_2', 'wrn28_4',
            'wrn28_10', 'wrn40_2', 'zoo_model']
 
-# %% ../nbs/00_models.ipynb #9e782f12
+# %% ../nbs/00_models.ipynb #ebba8181
 from collections import OrderedDict
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-# %% ../nbs/00_models.ipynb #f6982658
+# %% ../nbs/00_models.ipynb #ea910da8
 class BodyHeadNet(nn.Sequential):
     "A classifier made of a `body` (conv stages → B×C×H×W feature map) and a `head` (pool + linear)."
     def __init__(self, body:nn.Module, head:nn.Module, arch:str=None):
@@ -22,7 +22,7 @@ class BodyHeadNet(nn.Sequential):
 
     def __repr__(self): return f'{self.arch}: ' + super().__repr__()
 
-# %% ../nbs/00_models.ipynb #fb0bca32
+# %% ../nbs/00_models.ipynb #4331107c
 def pool_linear_head(n_in:int, n_out:int):
     "Global average pooling, flatten and a linear layer: the head of every zoo model."
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(n_in, n_out))
@@ -35,7 +35,7 @@ def _init_weights(model):
         elif isinstance(m, nn.BatchNorm2d): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
     return model
 
-# %% ../nbs/00_models.ipynb #4539aa08
+# %% ../nbs/00_models.ipynb #c9bb850c
 class BasicBlock(nn.Module):
     "Two 3×3 conv–BN layers with a residual connection (post-activation)."
     def __init__(self, n_in, n_out, stride=1):
@@ -49,7 +49,7 @@ class BasicBlock(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
-# %% ../nbs/00_models.ipynb #ef2b3199
+# %% ../nbs/00_models.ipynb #98698b3e
 def _stage(block, n_in, n_out, n_blocks, stride, **kwargs):
     return nn.Sequential(*[block(n_in if i == 0 else n_out, n_out, stride if i == 0 else 1, **kwargs)
                            for i in range(n_blocks)])
@@ -63,7 +63,7 @@ def cifar_resnet(depth:int, n_out:int=100, n_in:int=3):
                          _stage(BasicBlock, 32, 64, n, 2))
     return _init_weights(BodyHeadNet(body, pool_linear_head(64, n_out), arch=f'resnet{depth}'))
 
-# %% ../nbs/00_models.ipynb #826109d6
+# %% ../nbs/00_models.ipynb #fbe98897
 def resnet20(n_out=100, **kwargs):
     "CIFAR ResNet-20 (0.28M parameters with 100 classes)"
     return cifar_resnet(20, n_out, **kwargs)
@@ -80,7 +80,7 @@ def resnet110(n_out=100, **kwargs):
     "CIFAR ResNet-110"
     return cifar_resnet(110, n_out, **kwargs)
 
-# %% ../nbs/00_models.ipynb #a2f7008c
+# %% ../nbs/00_models.ipynb #00f111cf
 class WideBlock(nn.Module):
     "Pre-activation block: BN–ReLU–conv3×3–BN–ReLU–(dropout)–conv3×3 plus shortcut."
     def __init__(self, n_in, n_out, stride=1, drop:float=0.):
@@ -95,7 +95,7 @@ class WideBlock(nn.Module):
         out = self.conv2(self.drop(F.relu(self.bn2(self.conv1(act)))))
         return out + (x if self.shortcut is None else self.shortcut(act))
 
-# %% ../nbs/00_models.ipynb #70562181
+# %% ../nbs/00_models.ipynb #546aaaa1
 def wide_resnet(depth:int, widen:int, n_out:int=100, n_in:int=3, drop:float=0.):
     "Wide ResNet WRN-`depth`-`widen` (depth = 6n+4) with widths 16k/32k/64k."
     if (depth - 4) % 6: raise ValueError(f"WRN depth must be 6n+4 (16, 22, 28, 40...), got {depth}")
@@ -105,7 +105,7 @@ def wide_resnet(depth:int, widen:int, n_out:int=100, n_in:int=3, drop:float=0.):
                          nn.BatchNorm2d(w[2]), nn.ReLU(inplace=True))
     return _init_weights(BodyHeadNet(body, pool_linear_head(w[2], n_out), arch=f'wrn{depth}_{widen}'))
 
-# %% ../nbs/00_models.ipynb #706b2a4b
+# %% ../nbs/00_models.ipynb #424dadaa
 def wrn16_2(n_out=100, **kwargs):
     "WRN-16-2 (0.70M parameters with 100 classes)"
     return wide_resnet(16, 2, n_out, **kwargs)
@@ -125,7 +125,7 @@ def wrn40_2(n_out=100, **kwargs):
     "WRN-40-2 (2.26M parameters with 100 classes)"
     return wide_resnet(40, 2, n_out, **kwargs)
 
-# %% ../nbs/00_models.ipynb #31ec6a34
+# %% ../nbs/00_models.ipynb #4f94f20f
 model_zoo = {f.__name__: f for f in (resnet20, resnet32, resnet44, resnet56, resnet110,
                                      wrn16_2, wrn16_4, wrn28_2, wrn28_4, wrn28_10, wrn40_2)}
 

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['topologies', 'Topology', 'as_topology']
 
-# %% ../nbs/03_topology.ipynb #2840a19e
+# %% ../nbs/03_topology.ipynb #eb2c1540
 class Topology:
     "For each network k, the networks it learns from (`teachers_of(k)`)."
     def __init__(self, teachers, # teachers[k]: indices of the networks that network k learns from
@@ -37,7 +37,7 @@ class Topology:
     def __repr__(self):
         return f"Topology.{self.name}: " + ', '.join(f"{k}←{list(ts)}" for k, ts in enumerate(self.teachers))
 
-# %% ../nbs/03_topology.ipynb #73a81bf3
+# %% ../nbs/03_topology.ipynb #778cb0d5
 topologies = {'mutual': Topology.mutual, 'cyclic': Topology.cyclic, 'independent': Topology.independent}
 
 def as_topology(spec, n:int):

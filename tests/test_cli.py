@@ -1,0 +1,47 @@
+"The afd_train console script and the README's commands"
+import re, subprocess, sys
+from pathlib import Path
+import pandas as pd
+import pytest
+
+root = Path(__file__).parents[1]
+
+def afd_train(*args, cwd):
+    return subprocess.run(['afd_train', *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+@pytest.mark.parametrize('args,message', [
+    (['--models', 'resnet20,foo'], 'unknown model(s) foo'),
+    (['--models', 'resnet20'], 'at least two networks'),
+    (['--method', 'dmll'], 'unknown method'),
+    (['--data', 'cifar100'], 'needs --data_path'),
+    (['--data', 'cifar100', '--data_path', 'nowhere'], 'No CIFAR-100 python-format data'),
+    (['--epochs', '0'], '--epochs must be at least 1'),
+    (['--seed', 'a'], 'comma-separated integers'),
+])
+def test_bad_options_fail_clearly(tmp_path, args, message):
+    res = afd_train(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert not (tmp_path/'afd_results').exists()
+
+def test_short_run_writes_tables(tmp_path):
+    res = afd_train('--epochs', '1', '--n_per_class', '5', '--seed', '0,1', '--out', 'res', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = pd.read_csv(tmp_path/'res'/'results.csv')
+    assert list(runs['method']) == ['vanilla', 'vanilla', 'dml', 'dml']
+    assert list(runs['seed']) == [0, 1, 0, 1]
+    assert {'acc_resnet20', 'acc_wrn16_2', 'acc_avg', 'acc_ens'} <= set(runs.columns)
+    md = (tmp_path/'res'/'results.md').read_text()
+    assert 'Regime: digits 16×16, 5 training images per class' in md
+    assert md in res.stdout
+    # the same seed gives the same data order and initial weights: a rerun is identical
+    again = afd_train('--epochs', '1', '--n_per_class', '5', '--method', 'vanilla', '--out', 'again', cwd=tmp_path)
+    rerun = pd.read_csv(tmp_path/'again'/'results.csv')
+    assert rerun.loc[0, 'acc_avg'] == pytest.approx(runs.loc[0, 'acc_avg'])
+
+def test_readme_commands_are_what_ci_runs():
+    readme, ci = (root/'README.md').read_text(), (root/'.ci'/'run').read_text()
+    blocks = re.findall(r'```sh\n(.*?)\n```', readme, re.S)
+    commands = [line for b in blocks for line in b.splitlines()]
+    for cmd in ['pip install -e ".[dev]"', 'afd_train', 'nbdev_test && pytest']: assert cmd in commands
+    for cmd in commands: assert cmd in ci, cmd

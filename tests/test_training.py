@@ -1,0 +1,99 @@
+"Training on real data (digits) through the fastai Learner API"
+import pytest, torch
+from fastai.learner import load_learner
+from fastai.callback.core import Callback, CancelFitException
+from afd_fastai.all import *
+
+@pytest.mark.parametrize('method', ['vanilla', 'dml'])
+def test_every_network_learns(small_digits, method):
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method=method)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.05)
+    names = [m.name for m in learn.metrics]
+    final = dict(zip(names, learn.recorder.values[-1][2:]))
+    for name in ['acc_resnet20', 'acc_wrn16_2', 'acc_avg', 'acc_ens']:
+        assert final[name] > 0.6, (name, final) # chance is 0.1
+
+def test_validation_loss_is_plain_cross_entropy(small_digits):
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml', loss_parts=True)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    valid_loss, *mets = learn.validate()
+    names = [m.name for m in learn.metrics]
+    parts = dict(zip(names, mets))
+    assert 'ce_resnet20_1' in parts and 'ce_resnet20_2' in parts
+    assert valid_loss == pytest.approx(parts['ce_resnet20_1'] + parts['ce_resnet20_2'], rel=1e-4)
+    # computed by hand over the validation set: the sum of the two networks' cross-entropies, no KL
+    (p1, p2), targs = learn.get_preds()
+    ce = sum(torch.nn.functional.nll_loss(p.log(), targs.long()) for p in (p1, p2))
+    assert valid_loss == pytest.approx(ce.item(), rel=1e-3)
+
+def test_training_loss_includes_distillation(small_digits):
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml')
+    class Grab(Callback):
+        order = 50
+        def after_loss(self): self.loss, self.ce = self.learn.loss.item(), sum(getattr(self.loss_func, n).item() for n in self.loss_func.part_names)
+        def after_step(self): raise CancelFitException()
+    grab = Grab()
+    learn.fit(1, 0.01, cbs=grab)
+    assert grab.loss == pytest.approx(grab.ce + learn.distill_loss.item(), rel=1e-5)
+    assert learn.distill_loss.item() > 0
+
+def test_get_preds_show_results_and_lr_find(small_digits):
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml')
+    (p1, p2), targs, decoded = learn.get_preds(with_decoded=True)
+    n = len(small_digits.valid_ds)
+    assert p1.shape == p2.shape == (n, 10)
+    torch.testing.assert_close(p1.sum(1), torch.ones(n))
+    torch.testing.assert_close(decoded, ((p1 + p2) / 2).argmax(1))
+    learn.show_results(max_n=4)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with learn.no_bar(): suggestion = learn.lr_find(num_it=10, show_plot=False)
+    assert suggestion.valley > 0
+    for k, v in learn.model.state_dict().items(): torch.testing.assert_close(v, before[k])
+
+def test_save_load_round_trip(small_digits, tmp_path):
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml', path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    learn.save('pair')
+    preds = learn.get_preds()[0]
+    other = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml', path=tmp_path)
+    assert not torch.allclose(other.get_preds()[0][0], preds[0])
+    other.load('pair')
+    for a, b in zip(other.get_preds()[0], preds): torch.testing.assert_close(a, b)
+    torch.testing.assert_close(other.opt.state_dict()['state'], learn.opt.state_dict()['state']) # momentum buffers too
+
+def test_export_and_peer_export(small_digits, tmp_path):
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml', path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    items = small_digits.valid_ds.items[:8]
+    preds = learn.get_preds(dl=small_digits.test_dl(items))[0]
+    learn.export('pair.pkl')
+    loaded = load_learner(tmp_path/'pair.pkl')
+    for a, b in zip(loaded.get_preds(dl=loaded.dls.test_dl(items))[0], preds): torch.testing.assert_close(a, b)
+    one = learn.peer(1)
+    one.export('wrn.pkl')
+    single = load_learner(tmp_path/'wrn.pkl')
+    torch.testing.assert_close(single.get_preds(dl=single.dls.test_dl(items))[0], preds[1])
+    pred_class, _, probs = single.predict(items[0])
+    torch.testing.assert_close(probs, preds[1][0])
+
+@pytest.mark.parametrize('precision', ['to_fp16', 'to_bf16'])
+def test_mixed_precision_runs(small_digits, precision):
+    "On CPU fastai's autocast is a no-op: this checks the callbacks compose; the GPU check is a benchmark"
+    learn = getattr(afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml'), precision)()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1])
+
+def test_three_networks_and_torchvision(small_digits):
+    import torchvision
+    learn = afd_learner(small_digits, ['resnet20', torchvision.models.resnet18, wrn16_2], method='dml')
+    assert learn.model.feature_layers == ['body', 'layer4', 'body']
+    assert [m.name for m in learn.metrics][:3] == ['acc_resnet20', 'acc_resnet', 'acc_wrn16_2']
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    assert len(learn.recorder.values[-1]) == 2 + 5
+
+def test_cifar_folder_trains(tmp_path):
+    write_fake_cifar(tmp_path, 10, n_train=40, n_test=20)
+    dls = cifar_dls(tmp_path, 10, bs=8)
+    learn = afd_learner(dls, ['resnet20', 'resnet20'], method='dml')
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.01)
+    assert learn.dls.vocab[0] == 'class0'
