@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/11_all.ipynb #63f34161
+# %% ../nbs/11_all.ipynb #93440b20
 from .models import *
 from .core import *
 from .losses import *

@@ -6,7 +6,7 @@
 __all__ = ['digits_regime', 'cifar_regime', 'make_dls', 'train_one', 'summarise', 'markdown_table', 'describe_regime',
            'run_experiment', 'check_options', 'afd_train']
 
-# %% ../nbs/10_cli.ipynb #10ff8e44
+# %% ../nbs/10_cli.ipynb #a3237b61
 import sys, time, contextlib
 from pathlib import Path
 import numpy as np
@@ -17,11 +17,11 @@ from .models import model_zoo
 from .data import digits_dls, cifar_dls
 from .learner import afd_learner, distill_methods
 
-# %% ../nbs/10_cli.ipynb #7acf40f6
+# %% ../nbs/10_cli.ipynb #f07c2fcd
 digits_regime = dict(size=16, n_per_class=20, label_noise=0.4, epochs=30, bs=32, lr=0.05, seeds=(0, 1, 2))
 cifar_regime = dict(epochs=300, bs=128, lr=0.1, schedule='multistep', seeds=(0,))
 
-# %% ../nbs/10_cli.ipynb #a0870b93
+# %% ../nbs/10_cli.ipynb #3f66df44
 def make_dls(data:str='digits', data_path=None, bs:int=None, seed:int=0, size:int=None, n_per_class:int=None,
              label_noise:float=None):
     "DataLoaders for `data`: 'digits' (the demo regime unless overridden), 'cifar10' or 'cifar100'"
@@ -35,7 +35,7 @@ def make_dls(data:str='digits', data_path=None, bs:int=None, seed:int=0, size:in
         return cifar_dls(data_path, n_classes=int(data[5:]), bs=bs or cifar_regime['bs'])
     raise ValueError(f"Unknown data set {data!r}: choose digits, cifar10 or cifar100")
 
-# %% ../nbs/10_cli.ipynb #165e83ce
+# %% ../nbs/10_cli.ipynb #4c84beb9
 def _result_row(learn, method, seed, seconds):
     names = [m.name for m in learn.metrics]
     values = learn.recorder.values[-1][2:] # after train and valid loss
@@ -59,7 +59,7 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
         else: raise ValueError(f"Unknown schedule {schedule!r}: choose one_cycle or multistep")
     return learn, _result_row(learn, method, seed, time.time() - start)
 
-# %% ../nbs/10_cli.ipynb #2bfedcbb
+# %% ../nbs/10_cli.ipynb #dca705ec
 def summarise(runs:pd.DataFrame):
     "Mean ± std (over seeds) of every accuracy column, one row per method, in the order the methods ran"
     cols = [c for c in runs.columns if c.startswith('acc_')]
@@ -76,7 +76,7 @@ def markdown_table(df:pd.DataFrame):
     lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in df.itertuples(index=False)]
     return '\n'.join(lines)
 
-# %% ../nbs/10_cli.ipynb #050dfdcd
+# %% ../nbs/10_cli.ipynb #934c4643
 def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **data_kwargs):
     "One line saying what was trained, on what, for how long"
     regime = digits_regime if data == 'digits' else cifar_regime
@@ -90,7 +90,7 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **da
     return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}, "
             f"lr {lr}, batch {bs}; seeds {', '.join(map(str, seeds))}")
 
-# %% ../nbs/10_cli.ipynb #48040d8a
+# %% ../nbs/10_cli.ipynb #e556f7f5
 def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (zoo names)
                    methods=('vanilla', 'dml'), # methods compared, each on the same seeds
                    data:str='digits', data_path=None, epochs:int=None, bs:int=None, lr:float=None, seeds=(0,),
@@ -114,7 +114,7 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
     print('\n' + report, flush=True)
     return runs, summary
 
-# %% ../nbs/10_cli.ipynb #5fb265f5
+# %% ../nbs/10_cli.ipynb #48709752
 def check_options(models, method, data, data_path, epochs, bs, lr, seeds, schedule):
     "Raise `ValueError` naming the first bad option and how to fix it"
     unknown = [m for m in models if m not in model_zoo]
@@ -134,7 +134,7 @@ def _ints(s, what):
     try: return [int(v) for v in str(s).split(',') if v.strip()]
     except ValueError: raise ValueError(f"{what} must be comma-separated integers, got {s!r}") from None
 
-# %% ../nbs/10_cli.ipynb #e2482e88
+# %% ../nbs/10_cli.ipynb #c736519c
 @call_parse
 def afd_train(models:str='resnet20,wrn16_2', # comma-separated networks trained together (zoo names)
               method:str='compare', # a method ('vanilla', 'dml') or 'compare' to run every method side by side

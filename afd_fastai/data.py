@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['cifar_layouts', 'digits_dls', 'load_cifar', 'PadCropFlip', 'cifar_dls', 'write_fake_cifar']
 
-# %% ../nbs/09_data.ipynb #48a41666
+# %% ../nbs/09_data.ipynb #d298fa51
 import pickle
 from pathlib import Path
 import numpy as np
@@ -16,7 +16,7 @@ from fastai.data.core import Datasets
 from fastai.data.transforms import ItemGetter, Categorize, IntToFloatTensor, Normalize
 from fastai.data.transforms import Transform
 
-# %% ../nbs/09_data.ipynb #657ebcfa
+# %% ../nbs/09_data.ipynb #45782211
 def _split_by_class(labels, valid_pct, n_per_class, seed):
     rng = np.random.RandomState(seed)
     train, valid = [], []
@@ -40,7 +40,7 @@ def _make_dls(images, labels, splits, vocab, bs, after_batch, device, **kwargs):
     dsets = Datasets(items, tfms=[[ItemGetter(0)], [ItemGetter(1), Categorize(vocab=vocab, sort=False)]], splits=splits)
     return dsets.dataloaders(bs=bs, after_batch=after_batch, device=device, num_workers=0, **kwargs)
 
-# %% ../nbs/09_data.ipynb #bd44e634
+# %% ../nbs/09_data.ipynb #9e1fcd39
 def digits_dls(size:int=32, # images are resized to size×size
                valid_pct:float=0.25, # fraction of each class held out for validation
                n_per_class:int=None, # keep this many training images per class (None: all)
@@ -64,7 +64,7 @@ def digits_dls(size:int=32, # images are resized to size×size
     norm = Normalize.from_stats([mean] * 3, [std] * 3, cuda=False)
     return _make_dls(images, labels, (train, valid), list(range(10)), bs, [norm], device, **kwargs)
 
-# %% ../nbs/09_data.ipynb #fe4085ff
+# %% ../nbs/09_data.ipynb #af648fad
 cifar_layouts = {10: ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'],
                       'batches.meta', 'labels', 'label_names'),
                  100: ('cifar-100-python', ['train'], ['test'], 'meta', 'fine_labels', 'fine_label_names')}
@@ -107,7 +107,7 @@ def load_cifar(path, n_classes:int=100):
     if bad: raise ValueError(f"{folder}: labels must be in 0..{n_classes-1}, found {bad[0]}")
     return x_train, y_train, x_test, y_test, list(meta_d[names_key])
 
-# %% ../nbs/09_data.ipynb #c55778ef
+# %% ../nbs/09_data.ipynb #8833480c
 class PadCropFlip(Transform):
     "Training-batch augmentation: zero-pad by `pad`, random crop back to size, random horizontal flip"
     split_idx,order = 0,5
@@ -125,7 +125,7 @@ class PadCropFlip(Transform):
         out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols] # b×h×w×c
         return TensorImage(out.permute(0, 3, 1, 2).contiguous())
 
-# %% ../nbs/09_data.ipynb #cb1afdd1
+# %% ../nbs/09_data.ipynb #3d47273e
 def cifar_dls(path, # folder holding cifar-100-python/ or cifar-10-batches-py/ (or that folder itself)
               n_classes:int=100, # 10 or 100
               bs:int=128, # batch size (the paper's)
@@ -140,7 +140,7 @@ def cifar_dls(path, # folder holding cifar-100-python/ or cifar-10-batches-py/ (
     splits = (list(range(n_train)), list(range(n_train, n_train + len(x_test))))
     return _make_dls(torch.cat([x_train, x_test]), np.concatenate([y_train, y_test]), splits, names, bs, tfms, device, **kwargs)
 
-# %% ../nbs/09_data.ipynb #fdadf0a5
+# %% ../nbs/09_data.ipynb #f4beb35c
 def write_fake_cifar(path, n_classes:int=100, n_train:int=64, n_test:int=32, seed:int=0):
     "Write a small random data set in the CIFAR-`n_classes` python format under `path` (for tests and examples)"
     folder, train, test, meta, label_key, names_key = cifar_layouts[n_classes]
