@@ -4,24 +4,24 @@
 
 # %% auto #0
 __all__ = ['digits_regime', 'cifar_regime', 'make_dls', 'train_one', 'summarise', 'markdown_table', 'describe_regime',
-           'run_experiment', 'check_options', 'afd_train']
+           'run_experiment', 'check_options', 'afd_train', 'match_option_spelling', 'main']
 
-# %% ../nbs/10_cli.ipynb #a3237b61
+# %% ../nbs/10_cli.ipynb #9cef9615
 import sys, time, contextlib
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from fastcore.script import call_parse
+from fastcore.script import call_parse, anno_parser
 from fastai.torch_core import set_seed
 from .models import model_zoo
-from .data import digits_dls, cifar_dls
-from .learner import afd_learner, distill_methods
+from .data import digits_dls, cifar_dls, find_cifar_folder
+from .learner import afd_learner, distill_methods, CheckpointCallback
 
-# %% ../nbs/10_cli.ipynb #f07c2fcd
+# %% ../nbs/10_cli.ipynb #882bdcfd
 digits_regime = dict(size=16, n_per_class=20, label_noise=0.4, epochs=30, bs=32, lr=0.05, seeds=(0, 1, 2))
 cifar_regime = dict(epochs=300, bs=128, lr=0.1, schedule='multistep', seeds=(0,))
 
-# %% ../nbs/10_cli.ipynb #3f66df44
+# %% ../nbs/10_cli.ipynb #b37d3ee3
 def make_dls(data:str='digits', data_path=None, bs:int=None, seed:int=0, size:int=None, n_per_class:int=None,
              label_noise:float=None):
     "DataLoaders for `data`: 'digits' (the demo regime unless overridden), 'cifar10' or 'cifar100'"
@@ -31,35 +31,39 @@ def make_dls(data:str='digits', data_path=None, bs:int=None, seed:int=0, size:in
                           label_noise=r['label_noise'] if label_noise is None else label_noise,
                           bs=bs or r['bs'], seed=seed)
     if data in ('cifar10', 'cifar100'):
-        if data_path is None: raise ValueError(f"--data {data} needs --data_path, the folder holding the python-format data")
+        if data_path is None: raise ValueError(f"--data {data} needs --data-path, the folder holding the python-format data")
         return cifar_dls(data_path, n_classes=int(data[5:]), bs=bs or cifar_regime['bs'])
     raise ValueError(f"Unknown data set {data!r}: choose digits, cifar10 or cifar100")
 
-# %% ../nbs/10_cli.ipynb #4c84beb9
+# %% ../nbs/10_cli.ipynb #cc37f816
 def _result_row(learn, method, seed, seconds):
     names = [m.name for m in learn.metrics]
     values = learn.recorder.values[-1][2:] # after train and valid loss
     return dict(method=method, seed=seed, **{n: float(v) for n, v in zip(names, values)}, seconds=round(seconds, 1))
 
 def train_one(models, method, data='digits', data_path=None, epochs=None, bs=None, lr=None, seed=0,
-              schedule=None, progress=True, **data_kwargs):
-    "Train `models` together with `method` from seed `seed`; returns (learner, results row)"
+              schedule=None, progress=True, out=None, **data_kwargs):
+    "Train `models` together with `method` from seed `seed` (checkpoints in `out/models`); returns (learner, results row)"
     regime = digits_regime if data == 'digits' else cifar_regime
     epochs, lr = epochs or regime['epochs'], lr or regime['lr']
     schedule = schedule or regime.get('schedule', 'one_cycle')
     set_seed(seed, reproducible=True)
     dls = make_dls(data, data_path, bs=bs, seed=seed, **data_kwargs)
     learn = afd_learner(dls, list(models), method=method)
+    cbs = []
+    if out is not None:
+        learn.path = Path(out)
+        cbs.append(CheckpointCallback(f'{method}_seed{seed}'))
     ctx = contextlib.ExitStack()
     if not progress: ctx.enter_context(learn.no_bar()); ctx.enter_context(learn.no_logging())
     start = time.time()
     with ctx:
-        if schedule == 'one_cycle': learn.fit_one_cycle(epochs, lr)
-        elif schedule == 'multistep': learn.fit_multistep(epochs, lr)
+        if schedule == 'one_cycle': learn.fit_one_cycle(epochs, lr, cbs=cbs)
+        elif schedule == 'multistep': learn.fit_multistep(epochs, lr, cbs=cbs)
         else: raise ValueError(f"Unknown schedule {schedule!r}: choose one_cycle or multistep")
     return learn, _result_row(learn, method, seed, time.time() - start)
 
-# %% ../nbs/10_cli.ipynb #dca705ec
+# %% ../nbs/10_cli.ipynb #6743b067
 def summarise(runs:pd.DataFrame):
     "Mean ± std (over seeds) of every accuracy column, one row per method, in the order the methods ran"
     cols = [c for c in runs.columns if c.startswith('acc_')]
@@ -76,7 +80,7 @@ def markdown_table(df:pd.DataFrame):
     lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in df.itertuples(index=False)]
     return '\n'.join(lines)
 
-# %% ../nbs/10_cli.ipynb #934c4643
+# %% ../nbs/10_cli.ipynb #f45c1932
 def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **data_kwargs):
     "One line saying what was trained, on what, for how long"
     regime = digits_regime if data == 'digits' else cifar_regime
@@ -90,18 +94,18 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **da
     return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}, "
             f"lr {lr}, batch {bs}; seeds {', '.join(map(str, seeds))}")
 
-# %% ../nbs/10_cli.ipynb #e556f7f5
+# %% ../nbs/10_cli.ipynb #db8135ee
 def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (zoo names)
                    methods=('vanilla', 'dml'), # methods compared, each on the same seeds
                    data:str='digits', data_path=None, epochs:int=None, bs:int=None, lr:float=None, seeds=(0,),
-                   schedule:str=None, out='afd_results', # folder for results.csv and results.md (None: write nothing)
+                   schedule:str=None, out='afd_results', # folder for results.csv, results.md and models/ (None: write nothing)
                    progress:bool=True, **data_kwargs):
     "Train `models` with every method and seed; print and write the per-run and the summary tables"
     runs = []
     for method in methods:
         for seed in seeds:
             if progress: print(f"\n== {method}, seed {seed}", flush=True)
-            _, row = train_one(models, method, data, data_path, epochs, bs, lr, seed, schedule, progress, **data_kwargs)
+            _, row = train_one(models, method, data, data_path, epochs, bs, lr, seed, schedule, progress, out, **data_kwargs)
             runs.append(row)
     runs = pd.DataFrame(runs)
     summary = summarise(runs)
@@ -114,7 +118,7 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
     print('\n' + report, flush=True)
     return runs, summary
 
-# %% ../nbs/10_cli.ipynb #48709752
+# %% ../nbs/10_cli.ipynb #7e2691b7
 def check_options(models, method, data, data_path, epochs, bs, lr, seeds, schedule):
     "Raise `ValueError` naming the first bad option and how to fix it"
     unknown = [m for m in models if m not in model_zoo]
@@ -123,7 +127,8 @@ def check_options(models, method, data, data_path, epochs, bs, lr, seeds, schedu
     if method != 'compare' and method not in distill_methods:
         raise ValueError(f"unknown method {method!r}: choose compare or one of {', '.join(distill_methods)}")
     if data not in ('digits', 'cifar10', 'cifar100'): raise ValueError(f"unknown data set {data!r}: choose digits, cifar10 or cifar100")
-    if data != 'digits' and not data_path: raise ValueError(f"--data {data} needs --data_path")
+    if data != 'digits' and not data_path: raise ValueError(f"--data {data} needs --data-path")
+    if data != 'digits': find_cifar_folder(data_path, int(data[5:]))
     for name, v in (('epochs', epochs), ('bs', bs)):
         if v is not None and v < 1: raise ValueError(f"--{name} must be at least 1, got {v}")
     if lr is not None and not lr > 0: raise ValueError(f"--lr must be positive, got {lr}")
@@ -134,7 +139,7 @@ def _ints(s, what):
     try: return [int(v) for v in str(s).split(',') if v.strip()]
     except ValueError: raise ValueError(f"{what} must be comma-separated integers, got {s!r}") from None
 
-# %% ../nbs/10_cli.ipynb #c736519c
+# %% ../nbs/10_cli.ipynb #065e36eb
 @call_parse
 def afd_train(models:str='resnet20,wrn16_2', # comma-separated networks trained together (zoo names)
               method:str='compare', # a method ('vanilla', 'dml') or 'compare' to run every method side by side
@@ -145,7 +150,7 @@ def afd_train(models:str='resnet20,wrn16_2', # comma-separated networks trained 
               lr:float=None, # peak learning rate (default: 0.05 on digits, 0.1 on CIFAR)
               seed:str=None, # random seed, or comma-separated seeds for mean ± std (default: 0,1,2 on digits, 0 on CIFAR)
               schedule:str=None, # one_cycle (digits default) or multistep, the paper's (CIFAR default)
-              out:str='afd_results', # output folder for results.csv and results.md
+              out:str='afd_results', # output folder for results.csv, results.md and each run's checkpoint in models/
               size:int=None, # digits: image size (default 16)
               n_per_class:int=None, # digits: training images per class (default 20; 0 for all)
               label_noise:float=None): # digits: fraction of wrong training labels (default 0.4)
@@ -161,3 +166,24 @@ def afd_train(models:str='resnet20,wrn16_2', # comma-separated networks trained 
     except (ValueError, FileNotFoundError) as e:
         print(f"afd_train: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+# %% ../nbs/10_cli.ipynb #779de0e8
+def match_option_spelling(args:list, known:set):
+    "Rewrite each `--an_option`/`--an-option` in `args` to the spelling found in `known`"
+    out = []
+    for arg in args:
+        if arg.startswith('--'):
+            name, eq, value = arg.partition('=')
+            for cand in (name, '--' + name[2:].replace('_', '-'), '--' + name[2:].replace('-', '_')):
+                if cand in known: name = cand; break
+            arg = name + eq + value
+        out.append(arg)
+    return out
+
+def main(args:list=None):
+    "Console entry point of `afd_train`: parse `args` (default: the command line) with `afd_train`'s parser and run it"
+    parser = anno_parser(afd_train, prog='afd_train')
+    args = match_option_spelling(sys.argv[1:] if args is None else list(args), set(parser._option_string_actions))
+    kwargs = vars(parser.parse_args(args))
+    for extra in ('pdb', 'xtra'): kwargs.pop(extra, None)
+    return afd_train.__wrapped__(**kwargs)

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['distill_loss', 'DistillCallback']
 
-# %% ../nbs/04_distill.ipynb #ca39ebc4
+# %% ../nbs/04_distill.ipynb #8e64581f
 from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 from .losses import soft_kl
 from .topology import Topology, as_topology
 
-# %% ../nbs/04_distill.ipynb #a1013e26
+# %% ../nbs/04_distill.ipynb #dfcdff12
 def distill_loss(preds, # K logit tensors
                  topology:Topology, # who learns from whom
                  T:float=3.): # softmax temperature
@@ -21,7 +21,7 @@ def distill_loss(preds, # K logit tensors
         if teachers: total = total + sum(soft_kl(preds[k], preds[j], T) for j in teachers) / len(teachers)
     return total
 
-# %% ../nbs/04_distill.ipynb #cd24d94e
+# %% ../nbs/04_distill.ipynb #06030ebe
 class DistillCallback(Callback):
     "Add `weight`·T²·KL between networks (who learns from whom: `topology`) to the training loss"
     run_valid = False
@@ -33,6 +33,7 @@ class DistillCallback(Callback):
     def before_fit(self): self.topo = as_topology(self.topology, len(self.learn.model.models))
 
     def after_loss(self):
-        self.learn.distill_loss = self.weight * distill_loss(self.pred, self.topo, self.T)
-        self.learn.loss_grad = self.loss_grad + self.learn.distill_loss
+        kd = self.weight * distill_loss(self.pred, self.topo, self.T)
+        self.learn.loss_grad = self.loss_grad + kd
         self.learn.loss = self.loss_grad.clone()
+        self.learn.distill_loss = kd.detach()

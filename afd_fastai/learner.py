@@ -4,20 +4,23 @@
 
 # %% auto #0
 __all__ = ['distill_methods', 'paper_sgd', 'register_method', 'vanilla_callbacks', 'dml_callbacks', 'resolve_model', 'AFDLearner',
-           'afd_learner', 'MultiStepSchedule']
+           'afd_learner', 'MultiStepSchedule', 'CheckpointCallback']
 
-# %% ../nbs/08_learner.ipynb #4f21cff0
+# %% ../nbs/08_learner.ipynb #3a0d0a3a
 import inspect
 from functools import partial
 import torch
 from torch import nn
-from fastcore.basics import patch, listify
+import os
+import numpy as np
+from fastcore.basics import patch, listify, tuplify, detuplify
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.learner import Learner
 from fastai.optimizer import SGD
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, LossMetrics
+from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from .models import zoo_model
 from .core import PeerModel, peer_splitter, probe_forward
@@ -25,7 +28,7 @@ from .losses import PeerLoss
 from .distill import DistillCallback
 from .metrics import peer_metrics
 
-# %% ../nbs/08_learner.ipynb #d528a723
+# %% ../nbs/08_learner.ipynb #8addd1f8
 distill_methods = {}
 
 def register_method(name:str, make_callbacks):
@@ -43,7 +46,7 @@ def dml_callbacks(n, T=3., kd_weight=1., topology=None, **settings):
 register_method('vanilla', vanilla_callbacks)
 register_method('dml', dml_callbacks)
 
-# %% ../nbs/08_learner.ipynb #5898e936
+# %% ../nbs/08_learner.ipynb #f0783056
 def resolve_model(spec, n_out:int=None):
     "An `nn.Module` from a module, a zoo name (`'resnet32'`) or a constructor, built with `n_out` classes"
     if isinstance(spec, nn.Module): return spec
@@ -60,7 +63,7 @@ def resolve_model(spec, n_out:int=None):
         return spec()
     raise TypeError(f"Cannot make a network from {spec!r}: give an nn.Module, a zoo name or a constructor")
 
-# %% ../nbs/08_learner.ipynb #30f495fc
+# %% ../nbs/08_learner.ipynb #e6d5a247
 class AFDLearner(Learner):
     "A `Learner` training the networks of a `PeerModel` together"
     @property
@@ -77,7 +80,16 @@ class AFDLearner(Learner):
         return Learner(self.dls, self.model.models[k], loss_func=CrossEntropyLossFlat(), metrics=metrics,
                        opt_func=self.opt_func, lr=self.lr, wd=self.wd, path=self.path, model_dir=self.model_dir, **kwargs)
 
-# %% ../nbs/08_learner.ipynb #478d8f3b
+    def predict(self, item, rm_type_tfms=None, with_input=False):
+        "Predict `item` with the ensemble: (decoded class, class index, the networks' averaged probabilities)"
+        dl = self.dls.test_dl([item], rm_type_tfms=rm_type_tfms, num_workers=0)
+        inp, probs, _, classes = self.get_preds(dl=dl, with_input=True, with_decoded=True)
+        n_inp = getattr(self.dls, 'n_inp', -1)
+        decoded = self.dls.decode_batch((inp,) + (classes,) if n_inp == 1 else tuplify(inp) + (classes,))[0]
+        res = detuplify(decoded[n_inp:]), classes[0], torch.stack(list(probs)).mean(0)[0]
+        return (detuplify(decoded[:n_inp]),) + res if with_input else res
+
+# %% ../nbs/08_learner.ipynb #fced1a86
 paper_sgd = partial(SGD, mom=0.9, decouple_wd=False)
 
 def _check_outputs(model, x, n_out):
@@ -89,7 +101,7 @@ def _check_outputs(model, x, n_out):
             raise ValueError(f"Network {k} ({model.names[k]}) outputs {size} classes but {want} are expected "
                              f"(the data's class count, or network 0's): build every network with n_out={want}")
 
-# %% ../nbs/08_learner.ipynb #72fd3f56
+# %% ../nbs/08_learner.ipynb #f5941725
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors
@@ -103,7 +115,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 loss_parts:bool=False, # also show each network's validation cross-entropy as a column
                 opt_func=paper_sgd, lr:float=0.1, wd:float=1e-4, wd_bn_bias:bool=True, metrics=None, cbs=None,
                 **kwargs):
-    "A `AFDLearner` training `models` together on `dls` with distillation `method`"
+    "An `AFDLearner` training `models` together on `dls` with distillation `method`"
     if method not in distill_methods:
         raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(distill_methods)}")
     data_c = getattr(dls, 'c', None)
@@ -125,7 +137,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     learn.method = method
     return learn
 
-# %% ../nbs/08_learner.ipynb #1232227d
+# %% ../nbs/08_learner.ipynb #a5ed80d7
 class MultiStepSchedule:
     "`start` multiplied by `gamma` at each milestone (a fraction of training) passed"
     def __init__(self, start, milestones=(0.5, 0.75), gamma:float=0.1): self.start,self.milestones,self.gamma = start,tuple(milestones),gamma
@@ -137,6 +149,15 @@ def fit_multistep(self:Learner, n_epoch:int, lr=None, # start lr (default: `self
                   gamma:float=0.1, cbs=None, reset_opt=False, wd=None):
     "Fit `n_epoch` epochs with lr `lr`, multiplied by `gamma` at each of `milestones` (the AFD paper's schedule)"
     if self.opt is None: self.create_opt()
-    lr = self.lr if lr is None else lr
-    self.opt.set_hyper('lr', lr)
+    self.opt.set_hyper('lr', self.lr if lr is None else lr)
+    lr = np.array([h['lr'] for h in self.opt.hypers]) # one per parameter group (a slice spreads them)
     self.fit(n_epoch, cbs=[ParamScheduler({'lr': MultiStepSchedule(lr, milestones, gamma)})] + L(cbs), reset_opt=reset_opt, wd=wd)
+
+# %% ../nbs/08_learner.ipynb #60983b2f
+class CheckpointCallback(Callback):
+    "Save model and optimiser to `fname` (in `learn.path/learn.model_dir`) at the end of every epoch"
+    order = 70 # after the Recorder has logged the epoch
+    def __init__(self, fname:str='checkpoint', with_opt:bool=True): self.fname,self.with_opt = fname,with_opt
+    def after_epoch(self):
+        partial_file = self.learn.save(f'{self.fname}.partial', with_opt=self.with_opt)
+        os.replace(partial_file, partial_file.with_name(f'{self.fname}.pth'))

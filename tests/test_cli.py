@@ -13,8 +13,9 @@ def afd_train(*args, cwd):
     (['--models', 'resnet20,foo'], 'unknown model(s) foo'),
     (['--models', 'resnet20'], 'at least two networks'),
     (['--method', 'dmll'], 'unknown method'),
-    (['--data', 'cifar100'], 'needs --data_path'),
-    (['--data', 'cifar100', '--data_path', 'nowhere'], 'No CIFAR-100 python-format data'),
+    (['--data', 'cifar100'], 'needs --data-path'),
+    (['--data', 'cifar100', '--data-path', 'nowhere'], 'No CIFAR-100 python-format data'),
+    (['--data', 'cifar10', '--data_path', 'nowhere'], 'No CIFAR-10 python-format data'),
     (['--epochs', '0'], '--epochs must be at least 1'),
     (['--seed', 'a'], 'comma-separated integers'),
 ])
@@ -25,7 +26,7 @@ def test_bad_options_fail_clearly(tmp_path, args, message):
     assert not (tmp_path/'afd_results').exists()
 
 def test_short_run_writes_tables(tmp_path):
-    res = afd_train('--epochs', '1', '--n_per_class', '5', '--seed', '0,1', '--out', 'res', cwd=tmp_path)
+    res = afd_train('--epochs', '1', '--n-per-class', '5', '--seed', '0,1', '--out', 'res', cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     runs = pd.read_csv(tmp_path/'res'/'results.csv')
     assert list(runs['method']) == ['vanilla', 'vanilla', 'dml', 'dml']
@@ -34,10 +35,16 @@ def test_short_run_writes_tables(tmp_path):
     md = (tmp_path/'res'/'results.md').read_text()
     assert 'Regime: digits 16×16, 5 training images per class' in md
     assert md in res.stdout
+    assert sorted(f.name for f in (tmp_path/'res'/'models').iterdir()) == ['dml_seed0.pth', 'dml_seed1.pth', 'vanilla_seed0.pth', 'vanilla_seed1.pth']
     # the same seed gives the same data order and initial weights: a rerun is identical
-    again = afd_train('--epochs', '1', '--n_per_class', '5', '--method', 'vanilla', '--out', 'again', cwd=tmp_path)
+    again = afd_train('--epochs', '1', '--n_per_class=5', '--method', 'vanilla', '--out', 'again', cwd=tmp_path)
     rerun = pd.read_csv(tmp_path/'again'/'results.csv')
     assert rerun.loc[0, 'acc_avg'] == pytest.approx(runs.loc[0, 'acc_avg'])
+
+def test_help_lists_the_options(tmp_path):
+    res = afd_train('--help', cwd=tmp_path)
+    assert res.returncode == 0
+    for option in ['--models', '--method', '--data', '--epochs', '--bs', '--lr', '--seed', '--out']: assert option in res.stdout
 
 def test_readme_commands_are_what_ci_runs():
     readme, ci = (root/'README.md').read_text(), (root/'.ci'/'run').read_text()
