@@ -5,16 +5,18 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/11_all.ipynb #93440b20
+# %% ../nbs/11_all.ipynb #5d6e160c
 from .models import *
 from .core import *
 from .losses import *
 from .topology import *
 from .distill import *
+from .adversarial import *
+from .cyclic import *
 from .metrics import *
 from .learner import *
 from .data import *
 from .cli import run_experiment
-from . import models, core, losses, topology, distill, metrics, learner, data
-__all__ = [name for module in (models, core, losses, topology, distill, metrics, learner, data)
+from . import models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data
+__all__ = [name for module in (models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data)
            for name in module.__all__] + ['run_experiment']

@@ -18,6 +18,8 @@ def afd_train(*args, cwd):
     (['--data', 'cifar10', '--data_path', 'nowhere'], 'No CIFAR-10 python-format data'),
     (['--epochs', '0'], '--epochs must be at least 1'),
     (['--seed', 'a'], 'comma-separated integers'),
+    (['--method', 'afd,kd'], "unknown method 'kd'"),
+    (['--adv-lr', '0'], '--adv-lr must be positive'),
 ])
 def test_bad_options_fail_clearly(tmp_path, args, message):
     res = afd_train(*args, cwd=tmp_path)
@@ -29,22 +31,27 @@ def test_short_run_writes_tables(tmp_path):
     res = afd_train('--epochs', '1', '--n-per-class', '5', '--seed', '0,1', '--out', 'res', cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     runs = pd.read_csv(tmp_path/'res'/'results.csv')
-    assert list(runs['method']) == ['vanilla', 'vanilla', 'dml', 'dml']
-    assert list(runs['seed']) == [0, 1, 0, 1]
-    assert {'acc_resnet20', 'acc_wrn16_2', 'acc_avg', 'acc_ens'} <= set(runs.columns)
+    assert list(runs['method']) == ['vanilla', 'vanilla', 'dml', 'dml', 'afd', 'afd']
+    assert list(runs['seed']) == [0, 1, 0, 1, 0, 1]
+    assert {'acc_resnet20', 'acc_wrn16_2', 'acc_avg', 'acc_ens', 'd_loss', 'g_loss'} <= set(runs.columns)
+    assert runs['d_loss'].isna().tolist() == [True] * 4 + [False] * 2 # only AFD has discriminators
     md = (tmp_path/'res'/'results.md').read_text()
     assert 'Regime: digits 16×16, 5 training images per class' in md
     assert md in res.stdout
-    assert sorted(f.name for f in (tmp_path/'res'/'models').iterdir()) == ['dml_seed0.pth', 'dml_seed1.pth', 'vanilla_seed0.pth', 'vanilla_seed1.pth']
+    assert sorted(f.name for f in (tmp_path/'res'/'models').iterdir()) == [
+        'afd_seed0.pth', 'afd_seed1.pth', 'dml_seed0.pth', 'dml_seed1.pth', 'vanilla_seed0.pth', 'vanilla_seed1.pth']
     # the same seed gives the same data order and initial weights: a rerun is identical
-    again = afd_train('--epochs', '1', '--n_per_class=5', '--method', 'vanilla', '--out', 'again', cwd=tmp_path)
+    again = afd_train('--epochs', '1', '--n_per_class=5', '--method', 'vanilla,afd', '--seed', '0', '--out', 'again', cwd=tmp_path)
     rerun = pd.read_csv(tmp_path/'again'/'results.csv')
     assert rerun.loc[0, 'acc_avg'] == pytest.approx(runs.loc[0, 'acc_avg'])
+    assert rerun.loc[1, 'method'] == 'afd' and rerun.loc[1, 'acc_avg'] == pytest.approx(runs.loc[4, 'acc_avg'])
+    assert rerun.loc[1, 'd_loss'] == pytest.approx(runs.loc[4, 'd_loss'])
 
 def test_help_lists_the_options(tmp_path):
     res = afd_train('--help', cwd=tmp_path)
     assert res.returncode == 0
     for option in ['--models', '--method', '--data', '--epochs', '--bs', '--lr', '--seed', '--out']: assert option in res.stdout
+    assert re.search('--adv[-_]lr', res.stdout)
 
 def test_readme_commands_are_what_ci_runs():
     readme, ci = (root/'README.md').read_text(), (root/'.ci'/'run').read_text()

@@ -1,4 +1,5 @@
 "Training on real data (digits) through the fastai Learner API"
+import math
 import pytest, torch
 from fastai.learner import load_learner
 from fastai.callback.core import Callback, CancelFitException
@@ -76,20 +77,25 @@ def test_export_and_peer_export(small_digits, tmp_path):
     pred_class, _, probs = single.predict(items[0])
     torch.testing.assert_close(probs, preds[1][0])
 
+@pytest.mark.parametrize('method', ['dml', 'afd'])
 @pytest.mark.parametrize('precision', ['to_fp16', 'to_bf16'])
-def test_mixed_precision_runs(small_digits, precision):
+def test_mixed_precision_runs(small_digits, precision, method):
     "On CPU fastai's autocast is a no-op: this checks the callbacks compose; the GPU check is a benchmark"
-    learn = getattr(afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml'), precision)()
+    learn = getattr(afd_learner(small_digits, ['resnet20', 'resnet20'], method=method), precision)()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
     assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1])
 
-def test_three_networks_and_torchvision(small_digits):
+@pytest.mark.parametrize('method', ['dml', 'afd'])
+def test_three_networks_and_torchvision(small_digits, method):
     import torchvision
-    learn = afd_learner(small_digits, ['resnet20', torchvision.models.resnet18, wrn16_2], method='dml')
+    learn = afd_learner(small_digits, ['resnet20', torchvision.models.resnet18, wrn16_2], method=method)
     assert learn.model.feature_layers == ['body', 'layer4', 'body']
     assert [m.name for m in learn.metrics][:3] == ['acc_resnet20', 'acc_resnet', 'acc_wrn16_2']
+    if method == 'afd': # resnet18's 512×1×1 map (16-pixel inputs) against the others' 4×4 maps: pooled to 1×1
+        assert [a.size for a in learn.model.adversaries] == [(4, 4), (1, 1), (1, 1)] # edges 2→0, 0→1, 1→2
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
-    assert len(learn.recorder.values[-1]) == 2 + 5
+    assert len(learn.recorder.values[-1]) == 2 + 5 + (2 if method == 'afd' else 0)
+    assert all(math.isfinite(v) for v in learn.recorder.values[-1])
 
 def test_cifar_folder_trains(tmp_path):
     write_fake_cifar(tmp_path, 10, n_train=40, n_test=20)
