@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['CyclicPeerCallback']
 
-# %% ../nbs/06_cyclic.ipynb #1cda103a
-from .distill import distill_loss
+# %% ../nbs/06_cyclic.ipynb #26bef03d
+from .distill import distill_loss, add_distill_term
 from .adversarial import AdversarialFeatureCallback
 
-# %% ../nbs/06_cyclic.ipynb #a99c2be7
+# %% ../nbs/06_cyclic.ipynb #6e916e42
 class CyclicPeerCallback(AdversarialFeatureCallback):
     "AFD's cyclic scheme: network k learns from network k−1 (the first from the last) through logits and feature maps"
     def __init__(self, T:float=3., # softmax temperature of the logit-level term
@@ -19,9 +19,5 @@ class CyclicPeerCallback(AdversarialFeatureCallback):
         self.T,self.kd_weight = T,kd_weight
 
     def after_loss(self):
-        if self.kd_weight:
-            kd = self.kd_weight * distill_loss(self.pred, self.topo, self.T)
-            self.learn.loss_grad = self.loss_grad + kd
-            self.learn.loss = self.loss_grad.clone()
-            self.learn.distill_loss = kd.detach()
+        if self.kd_weight: add_distill_term(self.learn, self.kd_weight * distill_loss(self.pred, self.topo, self.T))
         super().after_loss()
