@@ -6,14 +6,14 @@
 __all__ = ['pooling_types', 'FeatureCapture', 'has_body', 'default_feature_layer', 'probe_forward', 'find_feature_layer',
            'model_name', 'unique_names', 'PeerModel', 'peer_splitter']
 
-# %% ../nbs/01_core.ipynb #688e8a2e
+# %% ../nbs/01_core.ipynb #e4f756ce
 import torch
 from torch import nn
 from fastcore.basics import listify
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
 
-# %% ../nbs/01_core.ipynb #1ee4a7d7
+# %% ../nbs/01_core.ipynb #83243702
 class FeatureCapture:
     "Context manager holding the output of `module` for the duration of one forward."
     def __init__(self, module:nn.Module): self.module,self.stored = module,None
@@ -23,7 +23,7 @@ class FeatureCapture:
         return self
     def __exit__(self, *args): self.handle.remove()
 
-# %% ../nbs/01_core.ipynb #d230b896
+# %% ../nbs/01_core.ipynb #966bbc85
 pooling_types = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, AdaptiveConcatPool2d)
 
 def has_body(model:nn.Module):
@@ -36,7 +36,7 @@ def default_feature_layer(model:nn.Module):
     if isinstance(getattr(model, 'body', None), nn.Module): return 'body'
     return '0' if has_body(model) else None
 
-# %% ../nbs/01_core.ipynb #b68f47fa
+# %% ../nbs/01_core.ipynb #96d5d105
 class _Probe:
     def __init__(self, model):
         self.records = []
@@ -59,7 +59,7 @@ def probe_forward(model:nn.Module, x):
         for m, mode in modes: m.training = mode
     return out, probe.records
 
-# %% ../nbs/01_core.ipynb #3e898985
+# %% ../nbs/01_core.ipynb #cbf7c7fc
 def find_feature_layer(model:nn.Module, x):
     "Name of the last module of `model` whose output on `x` is 4-D and which is not a pooling layer"
     _, records = probe_forward(model, x)
@@ -72,7 +72,7 @@ def find_feature_layer(model:nn.Module, x):
                          "or use a convolutional network.")
     return found[-1]
 
-# %% ../nbs/01_core.ipynb #a10bd25f
+# %% ../nbs/01_core.ipynb #e3279214
 def model_name(model:nn.Module):
     "A short name for `model`: its `arch` attribute, else its class name in lower case"
     return getattr(model, 'arch', None) or type(model).__name__.lower()
@@ -82,7 +82,7 @@ def unique_names(names):
     names = list(names)
     return [f'{n}_{names[:i].count(n) + 1}' if names.count(n) > 1 else n for i, n in enumerate(names)]
 
-# %% ../nbs/01_core.ipynb #b0c272a5
+# %% ../nbs/01_core.ipynb #ae10e6b5
 class PeerModel(nn.Module):
     "K networks trained together: forward returns a tuple of K logit tensors and keeps their `feature_maps`."
     def __init__(self,
@@ -106,7 +106,10 @@ class PeerModel(nn.Module):
             if layer is not None: self._feature_module(k)
         self.feature_maps = None
 
+    gated = False # True where the last output is an ensemble the model computes itself (ONE)
     def __len__(self): return len(self.models)
+    @property
+    def output_names(self): return list(self.names) + (['ensemble'] if self.gated else [])
 
     def _feature_module(self, k):
         layer = self.feature_layers[k]
@@ -135,7 +138,11 @@ class PeerModel(nn.Module):
         state['feature_maps'] = None # activations of the last batch are not part of the model
         return state
 
-# %% ../nbs/01_core.ipynb #bef2c9d0
+# %% ../nbs/01_core.ipynb #92f2eafa
 def peer_splitter(model:PeerModel):
-    "One parameter group per network"
-    return [params(m) for m in model.models]
+    "One parameter group per network (with its alignment layers); a model's own `param_groups()` where it has one"
+    if hasattr(model, 'param_groups'): return model.param_groups()
+    groups = [params(m) for m in model.models]
+    for (teacher, student), layer in zip(getattr(model, 'aligner_edges', []), getattr(model, 'aligners', [])):
+        groups[student] += params(layer)
+    return groups

@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['distill_loss', 'DistillCallback', 'add_distill_term']
 
-# %% ../nbs/04_distill.ipynb #0a212ed9
+# %% ../nbs/04_distill.ipynb #ce3e63df
+import torch
 from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 from .losses import soft_kl
 from .topology import Topology, as_topology
 
-# %% ../nbs/04_distill.ipynb #031d215c
+# %% ../nbs/04_distill.ipynb #bca5bc2d
 def distill_loss(preds, # K logit tensors
                  topology:Topology, # who learns from whom
                  T:float=3.): # softmax temperature
@@ -21,7 +22,7 @@ def distill_loss(preds, # K logit tensors
         if teachers: total = total + sum(soft_kl(preds[k], preds[j], T) for j in teachers) / len(teachers)
     return total
 
-# %% ../nbs/04_distill.ipynb #3c44c248
+# %% ../nbs/04_distill.ipynb #41570a07
 class DistillCallback(Callback):
     "Add `weight`·T²·KL between networks (who learns from whom: `topology`) to the training loss"
     run_valid = False
@@ -33,8 +34,8 @@ class DistillCallback(Callback):
     def before_fit(self): self.topo = as_topology(self.topology, len(self.learn.model.models))
     def after_loss(self): add_distill_term(self.learn, self.weight * distill_loss(self.pred, self.topo, self.T))
 
-def add_distill_term(learn, kd):
-    "Add the distillation term `kd` to the loss fastai optimises; keep it, detached, as `learn.distill_loss`"
+def add_distill_term(learn, kd, name:str='distill_loss'):
+    "Add the term `kd` to the loss fastai optimises; keep it, detached, as `learn.<name>`"
     learn.loss_grad = learn.loss_grad + kd
     learn.loss = learn.loss_grad.clone()
-    learn.distill_loss = kd.detach()
+    setattr(learn, name, kd.detach() if isinstance(kd, torch.Tensor) else torch.tensor(float(kd)))

@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['soft_kl', 'PeerLoss', 'lsgan_d_loss', 'lsgan_g_loss']
 
-# %% ../nbs/02_losses.ipynb #e275adce
+# %% ../nbs/02_losses.ipynb #87e58e26
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/02_losses.ipynb #633fc217
+# %% ../nbs/02_losses.ipynb #6fc7ade7
 def soft_kl(student:torch.Tensor, # logits of the network that learns, B×C
             teacher:torch.Tensor, # logits of the network it learns from, B×C (detached)
             T:float=3.): # softmax temperature
@@ -18,12 +18,13 @@ def soft_kl(student:torch.Tensor, # logits of the network that learns, B×C
     log_p_teacher = F.log_softmax(teacher.detach().float() / T, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction='batchmean') * T**2
 
-# %% ../nbs/02_losses.ipynb #baf37142
+# %% ../nbs/02_losses.ipynb #a17a47d3
 class PeerLoss:
     "Sum of the networks' cross-entropies, each kept as `ce_<name>`"
-    def __init__(self, names:list, # one per network, for the `ce_<name>` attributes
+    def __init__(self, names:list, # one per output (network), for the `ce_<name>` attributes
+                 gated:bool=False, # the last output is the model's own ensemble (ONE): decode from it alone
                  **ce_kwargs): # passed to `F.cross_entropy` (e.g. `label_smoothing`)
-        self.names,self.ce_kwargs = list(names),ce_kwargs
+        self.names,self.gated,self.ce_kwargs = list(names),gated,ce_kwargs
 
     def __call__(self, preds, targ):
         if len(preds) != len(self.names):
@@ -36,9 +37,9 @@ class PeerLoss:
     @property
     def part_names(self): return [f'ce_{n}' for n in self.names]
     def activation(self, preds): return tuple(F.softmax(p, dim=-1) for p in preds)
-    def decodes(self, probs): return torch.stack(list(probs)).mean(0).argmax(dim=-1)
+    def decodes(self, probs): return (probs[-1] if self.gated else torch.stack(list(probs)).mean(0)).argmax(dim=-1)
 
-# %% ../nbs/02_losses.ipynb #33b84b77
+# %% ../nbs/02_losses.ipynb #7668f28b
 def lsgan_d_loss(real_scores, # D's scores for the teacher's maps, in (0, 1)
                  fake_scores): # D's scores for the student's maps
     "LSGAN discriminator loss: mean of `(1 − real)²` plus mean of `fake²`"

@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['ensemble_probs', 'OnPeer', 'PeerAverage', 'OnEnsemble', 'NamedMetric', 'peer_metrics']
 
-# %% ../nbs/07_metrics.ipynb #185a4a21
+# %% ../nbs/07_metrics.ipynb #69dbb7c7
 import torch
 from fastai.metrics import AvgMetric, accuracy
 
-# %% ../nbs/07_metrics.ipynb #7a309608
+# %% ../nbs/07_metrics.ipynb #8c7c33a8
 def ensemble_probs(preds):
     "The ensemble's prediction: the networks' softmax outputs averaged"
     return torch.stack([p.float().softmax(dim=-1) for p in preds]).mean(0)
@@ -20,14 +20,16 @@ class OnPeer:
     def __call__(self, preds, *targs): return self.func(preds[self.k], *targs)
 
 class PeerAverage:
-    "`func` averaged over the networks"
-    def __init__(self, func): self.func = func
-    def __call__(self, preds, *targs): return sum(self.func(p, *targs) for p in preds) / len(preds)
+    "`func` averaged over the networks (the first `n` outputs; all if `n` is None)"
+    def __init__(self, func, n:int=None): self.func,self.n = func,n
+    def __call__(self, preds, *targs):
+        preds = preds[:self.n] if self.n else preds
+        return sum(self.func(p, *targs) for p in preds) / len(preds)
 
 class OnEnsemble:
-    "`func` applied to the ensemble's averaged softmax"
-    def __init__(self, func): self.func = func
-    def __call__(self, preds, *targs): return self.func(ensemble_probs(preds), *targs)
+    "`func` applied to the ensemble: the networks' averaged softmax, or, if `gated`, the model's own last output"
+    def __init__(self, func, gated:bool=False): self.func,self.gated = func,gated
+    def __call__(self, preds, *targs): return self.func(preds[-1] if self.gated else ensemble_probs(preds), *targs)
 
 class NamedMetric(AvgMetric):
     "An `AvgMetric` with the column name `name`"
@@ -35,10 +37,12 @@ class NamedMetric(AvgMetric):
     @property
     def name(self): return self._name
 
-# %% ../nbs/07_metrics.ipynb #9852c7bc
+# %% ../nbs/07_metrics.ipynb #83534ca1
 def peer_metrics(names:list, # the networks' names (`PeerModel.names`)
                  func=accuracy, # a fastai metric function of (pred, targ)
-                 prefix:str='acc'): # column prefix
+                 prefix:str='acc', # column prefix
+                 gated:bool=False): # the model's last output is its own ensemble (ONE's gated one)
     "Columns `<prefix>_<name>` for each network, `<prefix>_avg` and `<prefix>_ens`"
-    return ([NamedMetric(OnPeer(func, k), f'{prefix}_{n}') for k, n in enumerate(names)]
-            + [NamedMetric(PeerAverage(func), f'{prefix}_avg'), NamedMetric(OnEnsemble(func), f'{prefix}_ens')])
+    n = len(names)
+    return ([NamedMetric(OnPeer(func, k), f'{prefix}_{name}') for k, name in enumerate(names)]
+            + [NamedMetric(PeerAverage(func, n), f'{prefix}_avg'), NamedMetric(OnEnsemble(func, gated), f'{prefix}_ens')])
