@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/11_all.ipynb #5d6e160c
+# %% ../nbs/11_all.ipynb #9cdae39c
 from .models import *
 from .core import *
 from .losses import *
@@ -16,7 +16,10 @@ from .cyclic import *
 from .metrics import *
 from .learner import *
 from .data import *
-from .cli import run_experiment
-from . import models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data
-__all__ = [name for module in (models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data)
-           for name in module.__all__] + ['run_experiment']
+from .baselines import *
+from .presets import *
+from .cli import run_experiment, make_dls
+from . import models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data, baselines, presets
+__all__ = [name for module in (models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data,
+                               baselines, presets)
+           for name in module.__all__] + ['run_experiment', 'make_dls']

@@ -6,9 +6,10 @@
 __all__ = ['distill_methods', 'paper_sgd', 'DistillMethod', 'register_method', 'vanilla_callbacks', 'dml_callbacks',
            'dml_alternating_callbacks', 'kd_callbacks', 'one_callbacks', 'l1_callbacks', 'l1_kd_callbacks',
            'kd_offline_callbacks', 'l1_kd_offline_callbacks', 'afd_callbacks', 'afd_adv_only_callbacks',
-           'resolve_model', 'AFDLearner', 'afd_learner', 'MultiStepSchedule', 'CheckpointCallback']
+           'torchvision_models', 'known_model', 'resolve_model', 'AFDLearner', 'afd_learner', 'MultiStepSchedule',
+           'CheckpointCallback']
 
-# %% ../nbs/08_learner.ipynb #bba7e988
+# %% ../nbs/08_learner.ipynb #25e9eb6a
 import inspect
 from functools import partial
 import torch
@@ -25,7 +26,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, LossMetrics
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
-from .models import zoo_model
+import torchvision
+from .models import zoo_model, model_zoo
 from .core import PeerModel, peer_splitter, probe_forward, model_name
 from .losses import PeerLoss
 from .distill import DistillCallback
@@ -36,7 +38,7 @@ from .metrics import peer_metrics
 from .baselines import (EnsembleKDCallback, AlternatingDMLCallback, FeatureAlignCallback, FrozenTeacherCallback,
                                   OneModel, OneCallback, load_teacher)
 
-# %% ../nbs/08_learner.ipynb #8a8ffd49
+# %% ../nbs/08_learner.ipynb #e2316d4f
 class DistillMethod:
     "How a method trains: `make_callbacks(n_networks, **settings)`, an optional `make_model`, and whether it is `offline`"
     def __init__(self, make_callbacks, make_model=None, offline:bool=False): store_attr()
@@ -111,11 +113,24 @@ register_method('kd_offline', kd_offline_callbacks, offline=True)
 register_method('l1_kd_offline', l1_kd_offline_callbacks, offline=True)
 register_method('vanilla', vanilla_callbacks)
 
-# %% ../nbs/08_learner.ipynb #13e03cc0
+# %% ../nbs/08_learner.ipynb #8a8528b8
+def torchvision_models():
+    "Names of torchvision's classification models ('resnet18', ...)"
+    return torchvision.models.list_models(module=torchvision.models)
+
+def known_model(name:str):
+    "Whether `name` is a zoo network or a torchvision classification model"
+    return name in model_zoo or name in torchvision_models()
+
 def resolve_model(spec, n_out:int=None):
-    "An `nn.Module` from a module, a zoo name (`'resnet32'`) or a constructor, built with `n_out` classes"
+    "An `nn.Module` from a module, a zoo or torchvision name (`'resnet32'`, `'resnet18'`) or a constructor, built with `n_out` classes"
     if isinstance(spec, nn.Module): return spec
-    if isinstance(spec, str): return zoo_model(spec, n_out=n_out or 100)
+    if isinstance(spec, str):
+        if spec not in model_zoo and spec in torchvision_models(): # e.g. 'resnet18' for ImageNet
+            model = getattr(torchvision.models, spec)(num_classes=n_out or 1000)
+            model.arch = spec # its name in metric columns
+            return model
+        return zoo_model(spec, n_out=n_out or 100)
     if callable(spec):
         try: sig = inspect.signature(spec).parameters
         except (TypeError, ValueError): sig = {}
@@ -128,7 +143,7 @@ def resolve_model(spec, n_out:int=None):
         return spec()
     raise TypeError(f"Cannot make a network from {spec!r}: give an nn.Module, a zoo name or a constructor")
 
-# %% ../nbs/08_learner.ipynb #cd1ae0b9
+# %% ../nbs/08_learner.ipynb #ef39a371
 class AFDLearner(Learner):
     "A `Learner` training the networks of a `PeerModel` together"
     @property
@@ -190,7 +205,7 @@ def _checkpoint_globals():
     core = getattr(np, '_core', None) or np.core
     return [L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
 
-# %% ../nbs/08_learner.ipynb #d1432dc1
+# %% ../nbs/08_learner.ipynb #a8996792
 paper_sgd = partial(SGD, mom=0.9, decouple_wd=False)
 
 def _check_outputs(model, x, n_out):
@@ -202,7 +217,7 @@ def _check_outputs(model, x, n_out):
             raise ValueError(f"Network {k} ({model.output_names[k]}) outputs {size} classes but {want} are expected "
                              f"(the data's class count, or network 0's): build every network with n_out={want}")
 
-# %% ../nbs/08_learner.ipynb #d04da04a
+# %% ../nbs/08_learner.ipynb #3126680a
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -253,7 +268,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     learn.method = method
     return learn
 
-# %% ../nbs/08_learner.ipynb #53414fe7
+# %% ../nbs/08_learner.ipynb #96c1f482
 class MultiStepSchedule:
     "`start` multiplied by `gamma` at each milestone (a fraction of training) passed"
     def __init__(self, start, milestones=(0.5, 0.75), gamma:float=0.1): self.start,self.milestones,self.gamma = start,tuple(milestones),gamma
@@ -269,7 +284,7 @@ def fit_multistep(self:Learner, n_epoch:int, lr=None, # start lr (default: `self
     lr = np.array([h['lr'] for h in self.opt.hypers]) # one per parameter group (a slice spreads them)
     self.fit(n_epoch, cbs=[ParamScheduler({'lr': MultiStepSchedule(lr, milestones, gamma)})] + L(cbs), reset_opt=reset_opt, wd=wd)
 
-# %% ../nbs/08_learner.ipynb #d7258985
+# %% ../nbs/08_learner.ipynb #935dab9d
 class CheckpointCallback(Callback):
     "Save model and optimiser to `fname` (in `learn.path/learn.model_dir`) at the end of every epoch"
     order = 70 # after the Recorder has logged the epoch

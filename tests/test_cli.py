@@ -18,8 +18,15 @@ def afd_train(*args, cwd):
     (['--data', 'cifar10', '--data_path', 'nowhere'], 'No CIFAR-10 python-format data'),
     (['--epochs', '0'], '--epochs must be at least 1'),
     (['--seed', 'a'], 'comma-separated integers'),
-    (['--method', 'afd,kd'], "unknown method 'kd'"),
+    (['--method', 'afd,kdd'], "unknown method 'kdd'"),
     (['--adv-lr', '0'], '--adv-lr must be positive'),
+    (['--preset', 't3-resnet33-afd'], 'unknown preset'),
+    (['--preset', 't3-resnet32-afd', '--models', 'resnet20,resnet20'], 'drop --models/--method'),
+    (['--preset', 't3-resnet32-afd'], '--data cifar100 needs --data-path'),
+    (['--method', 'one'], 'must be the same network'),
+    (['--method', 'dml', '--teacher', 'x.pth'], '--teacher is for the offline methods'),
+    (['--method', 'kd_offline', '--models', 'resnet20'], "teacher's network then the student's"),
+    (['--data', 'imagenet', '--data-path', '.', '--models', 'resnet18,resnet34'], 'train/ and val/'),
 ])
 def test_bad_options_fail_clearly(tmp_path, args, message):
     res = afd_train(*args, cwd=tmp_path)
@@ -59,3 +66,40 @@ def test_readme_commands_are_what_ci_runs():
     commands = [line for b in blocks for line in b.splitlines()]
     for cmd in ['pip install -e ".[dev]"', 'afd_train', 'nbdev_test && pytest']: assert cmd in commands
     for cmd in commands: assert cmd in ci, cmd
+
+
+def test_list_presets(tmp_path):
+    res = afd_train('--list-presets', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = [l for l in res.stdout.splitlines() if l.startswith('| t')]
+    assert len(rows) == 92
+    assert '| t3-resnet32-afd | 3 | resnet32 + resnet32 | afd | cifar100 | 300 | avg 74.03, ens 75.64 |' in res.stdout
+    assert '| t6-resnet18-resnet34-afd | 6 | resnet18 + resnet34 | afd | imagenet | 90 |' in res.stdout
+
+
+def test_imagenet_preset_on_an_image_folder(tmp_path):
+    from afd_fastai.data import write_fake_image_folder
+    write_fake_image_folder(tmp_path/'inet', n_classes=3, n_train=4, n_val=2)
+    res = afd_train('--preset', 't6-resnet18-resnet34-afd', '--data-path', 'inet', '--epochs', '1', '--bs', '4',
+                    '--size', '32', '--out', 'res', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = pd.read_csv(tmp_path/'res'/'results.csv').iloc[0]
+    assert (row['paper_acc_resnet18'], row['paper_acc_resnet34'], row['paper_acc_ens']) == (70.43, 74.00, 74.53)
+    md = (tmp_path/'res'/'results.md').read_text()
+    assert 'Preset t6-resnet18-resnet34-afd' in md and '| acc_resnet18 | 70.43 |' in md
+    assert 'imagenet; networks resnet18 + resnet34; methods afd; 1 epochs multistep' in md
+
+
+def test_offline_method_trains_its_teacher_first_and_reuses_it(tmp_path):
+    res = afd_train('--method', 'kd_offline', '--models', 'resnet20,resnet20', '--epochs', '2', '--n-per-class', '5',
+                    '--seed', '0', '--out', 'a', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    teacher = tmp_path/'a'/'models'/'teacher_resnet20_seed0.pth'
+    assert teacher.is_file()
+    first = pd.read_csv(tmp_path/'a'/'results.csv').iloc[0]
+    res = afd_train('--method', 'l1_kd_offline', '--teacher', str(teacher), '--models', 'wrn16_2', '--epochs', '2',
+                    '--n-per-class', '5', '--seed', '0', '--out', 'b', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    second = pd.read_csv(tmp_path/'b'/'results.csv').iloc[0]
+    assert second['acc_teacher'] == first['acc_teacher'] # the same frozen teacher on the same validation set
+    assert 'acc_wrn16_2' in second and not (tmp_path/'b'/'models'/'teacher_resnet20_seed0.pth').exists()
