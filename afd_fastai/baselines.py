@@ -7,7 +7,7 @@ __all__ = ['EnsembleKDCallback', 'AlternatingDMLCallback', 'FeatureAligner', 'at
            'FeatureAlignCallback', 'FrozenTeacherCallback', 'load_teacher', 'last_stage_start', 'OneModel',
            'OneCallback']
 
-# %% ../nbs/12_baselines.ipynb #a943f987
+# %% ../nbs/12_baselines.ipynb #ce2d4890
 from collections import OrderedDict
 from pathlib import Path
 import torch
@@ -23,7 +23,7 @@ from .topology import as_topology
 from .distill import add_distill_term
 from .adversarial import TransferLayer, shared_size, feature_shapes
 
-# %% ../nbs/12_baselines.ipynb #2025d83b
+# %% ../nbs/12_baselines.ipynb #0ad1b29f
 class EnsembleKDCallback(Callback):
     "Online KD: add `weight`·T²·KL from the ensemble (averaged logits, detached) to each network's loss"
     run_valid = False
@@ -32,7 +32,7 @@ class EnsembleKDCallback(Callback):
         teacher = torch.stack([p.float() for p in self.pred]).mean(0)
         add_distill_term(self.learn, self.weight * sum(soft_kl(p, teacher, self.T) for p in self.pred))
 
-# %% ../nbs/12_baselines.ipynb #513e6f93
+# %% ../nbs/12_baselines.ipynb #03114f5a
 class AlternatingDMLCallback(Callback):
     "DML with alternating updates: network 0 steps, then each next network from a fresh forward of the batch"
     run_valid = False
@@ -74,7 +74,7 @@ class AlternatingDMLCallback(Callback):
             self.losses.append(loss.detach())
         self.learn.loss = sum(self.losses)
 
-# %% ../nbs/12_baselines.ipynb #9bdbebbf
+# %% ../nbs/12_baselines.ipynb #962a83ce
 class FeatureAligner(nn.Module):
     "Brings a student's feature map to its teacher's size and channels (pooling; a transfer layer where channels differ)"
     def __init__(self, student_shape, teacher_shape, names=('student', 'teacher')):
@@ -101,7 +101,7 @@ def attach_aligners(model:PeerModel, topology, x):
     model.aligner_edges = topo.edges
     return model.aligners
 
-# %% ../nbs/12_baselines.ipynb #20d330da
+# %% ../nbs/12_baselines.ipynb #457fe964
 def alignment_loss(maps, aligners, edges, dist=F.l1_loss):
     "Sum over students of the mean over their teachers of `dist` between the aligned maps"
     per_student = {}
@@ -132,7 +132,7 @@ class FeatureAlignCallback(Callback):
         term = alignment_loss(model.feature_maps, model.aligners, model.aligner_edges, self.dist)
         add_distill_term(self.learn, self.weight * term, 'align_loss')
 
-# %% ../nbs/12_baselines.ipynb #8e7fdbcb
+# %% ../nbs/12_baselines.ipynb #35b9a8a5
 class FrozenTeacherCallback(Callback):
     "Keep network `k` fixed: `requires_grad` off and eval mode while the others train"
     def __init__(self, k:int=0): self.k = k
@@ -144,7 +144,7 @@ class FrozenTeacherCallback(Callback):
     def before_fit(self): self._freeze() # again, in case `unfreeze()` switched gradients back on
     def before_train(self): self.teacher.eval()
 
-# %% ../nbs/12_baselines.ipynb #88ed41e0
+# %% ../nbs/12_baselines.ipynb #adbc7c7a
 def load_teacher(spec):
     "A trained teacher network: an `nn.Module`, or a file holding one (`torch.save(model)`) or an exported `Learner`"
     if isinstance(spec, nn.Module): return spec
@@ -158,7 +158,7 @@ def load_teacher(spec):
                         "torch.save(model, path) (or learn.export()), not its state_dict")
     raise TypeError(f"A teacher must be an nn.Module or the path of a saved one, got {type(spec).__name__}")
 
-# %% ../nbs/12_baselines.ipynb #0004a445
+# %% ../nbs/12_baselines.ipynb #60bd9394
 def last_stage_start(net:BodyHeadNet):
     "Index in `net.body` where its last stage starts: the last child that is an `nn.Sequential` of blocks"
     stages = [i for i, m in enumerate(net.body) if isinstance(m, nn.Sequential)]
@@ -168,7 +168,7 @@ def last_stage_start(net:BodyHeadNet):
 def _first_conv(module):
     return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
 
-# %% ../nbs/12_baselines.ipynb #23e94158
+# %% ../nbs/12_baselines.ipynb #f057d837
 class OneModel(PeerModel):
     "ONE: networks sharing their layers below the last stage; a gate mixes the branches' logits into the ensemble"
     gated = True
@@ -210,7 +210,7 @@ class OneModel(PeerModel):
         "The shared layers and the gate; then each branch (last stage and head)"
         return [params(self.shared) + params(self.gate)] + [params(net.body.upper) + params(net.head) for net in self.models]
 
-# %% ../nbs/12_baselines.ipynb #4b680ee1
+# %% ../nbs/12_baselines.ipynb #3ca78695
 class OneCallback(Callback):
     "ONE's distillation term: the gated ensemble (the model's last output, detached) teaches every branch"
     run_valid = False

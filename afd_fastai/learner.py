@@ -9,7 +9,7 @@ __all__ = ['distill_methods', 'paper_sgd', 'DistillMethod', 'register_method', '
            'torchvision_models', 'known_model', 'resolve_model', 'AFDLearner', 'afd_learner', 'MultiStepSchedule',
            'CheckpointCallback']
 
-# %% ../nbs/08_learner.ipynb #25e9eb6a
+# %% ../nbs/08_learner.ipynb #1dbcb4f5
 import inspect
 from functools import partial
 import torch
@@ -38,7 +38,7 @@ from .metrics import peer_metrics
 from .baselines import (EnsembleKDCallback, AlternatingDMLCallback, FeatureAlignCallback, FrozenTeacherCallback,
                                   OneModel, OneCallback, load_teacher)
 
-# %% ../nbs/08_learner.ipynb #e2316d4f
+# %% ../nbs/08_learner.ipynb #710d7361
 class DistillMethod:
     "How a method trains: `make_callbacks(n_networks, **settings)`, an optional `make_model`, and whether it is `offline`"
     def __init__(self, make_callbacks, make_model=None, offline:bool=False): store_attr()
@@ -51,8 +51,13 @@ def register_method(name:str, make_callbacks, make_model=None, offline:bool=Fals
     "Make `afd_learner(..., method=name)` use the callbacks `make_callbacks(n_networks, **settings)` returns"
     distill_methods[name] = DistillMethod(make_callbacks, make_model, offline)
 
-def vanilla_callbacks(n, **settings):
+def _fixed(method, topology):
+    if topology is not None:
+        raise ValueError(f"{method} decides who learns from whom itself: topology= applies to dml, dml_alternating, l1, l1_kd and afd")
+
+def vanilla_callbacks(n, topology=None, **settings):
     "Each network trained alone, on the same batches"
+    _fixed('vanilla', topology)
     return []
 
 def dml_callbacks(n, T=3., kd_weight=1., topology=None, **settings):
@@ -63,12 +68,14 @@ def dml_alternating_callbacks(n, T=3., kd_weight=1., topology=None, **settings):
     "Deep Mutual Learning as published: the networks step one after the other, each from a fresh forward"
     return [AlternatingDMLCallback(T=T, weight=kd_weight, topology=topology or 'mutual')]
 
-def kd_callbacks(n, T=3., kd_weight=1., **settings):
+def kd_callbacks(n, T=3., kd_weight=1., topology=None, **settings):
     "Online KD: every network learns from the ensemble of all (averaged logits)"
+    _fixed('kd', topology)
     return [EnsembleKDCallback(T=T, weight=kd_weight)]
 
-def one_callbacks(n, T=3., kd_weight=1., **settings):
+def one_callbacks(n, T=3., kd_weight=1., topology=None, **settings):
     "ONE: the gated ensemble of the branches teaches every branch"
+    _fixed('one', topology)
     return [OneCallback(T=T, weight=kd_weight)]
 
 def l1_callbacks(n, topology=None, align_weight=1., **settings):
@@ -79,12 +86,14 @@ def l1_kd_callbacks(n, T=3., kd_weight=1., topology=None, align_weight=1., **set
     "Direct online feature alignment plus mutual KD"
     return dml_callbacks(n, T, kd_weight, topology) + l1_callbacks(n, topology, align_weight)
 
-def kd_offline_callbacks(n, T=3., kd_weight=1., **settings):
+def kd_offline_callbacks(n, T=3., kd_weight=1., topology=None, **settings):
     "Offline KD: network 0, a trained and frozen teacher, teaches the others at the logits"
+    _fixed('kd_offline', topology)
     return [FrozenTeacherCallback(0), DistillCallback(T=T, weight=kd_weight, topology=Topology.from_teacher(n))]
 
-def l1_kd_offline_callbacks(n, T=3., kd_weight=1., align_weight=1., **settings):
+def l1_kd_offline_callbacks(n, T=3., kd_weight=1., align_weight=1., topology=None, **settings):
     "Offline L1 + KD: network 0, a trained and frozen teacher, teaches the others at the logits and the feature maps"
+    _fixed('l1_kd_offline', topology)
     return kd_offline_callbacks(n, T, kd_weight) + [FeatureAlignCallback(Topology.from_teacher(n), weight=align_weight)]
 
 def _adversarial_callbacks(n, T, kd_weight, topology, adv_lr, adv_wd, adv_milestones):
@@ -113,7 +122,7 @@ register_method('kd_offline', kd_offline_callbacks, offline=True)
 register_method('l1_kd_offline', l1_kd_offline_callbacks, offline=True)
 register_method('vanilla', vanilla_callbacks)
 
-# %% ../nbs/08_learner.ipynb #8a8528b8
+# %% ../nbs/08_learner.ipynb #a51af317
 def torchvision_models():
     "Names of torchvision's classification models ('resnet18', ...)"
     return torchvision.models.list_models(module=torchvision.models)
@@ -143,7 +152,7 @@ def resolve_model(spec, n_out:int=None):
         return spec()
     raise TypeError(f"Cannot make a network from {spec!r}: give an nn.Module, a zoo name or a constructor")
 
-# %% ../nbs/08_learner.ipynb #ef39a371
+# %% ../nbs/08_learner.ipynb #fa3c287a
 class AFDLearner(Learner):
     "A `Learner` training the networks of a `PeerModel` together"
     @property
@@ -205,7 +214,7 @@ def _checkpoint_globals():
     core = getattr(np, '_core', None) or np.core
     return [L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
 
-# %% ../nbs/08_learner.ipynb #a8996792
+# %% ../nbs/08_learner.ipynb #a9e2078f
 paper_sgd = partial(SGD, mom=0.9, decouple_wd=False)
 
 def _check_outputs(model, x, n_out):
@@ -217,7 +226,7 @@ def _check_outputs(model, x, n_out):
             raise ValueError(f"Network {k} ({model.output_names[k]}) outputs {size} classes but {want} are expected "
                              f"(the data's class count, or network 0's): build every network with n_out={want}")
 
-# %% ../nbs/08_learner.ipynb #3126680a
+# %% ../nbs/08_learner.ipynb #aa8e476e
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -268,7 +277,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     learn.method = method
     return learn
 
-# %% ../nbs/08_learner.ipynb #96c1f482
+# %% ../nbs/08_learner.ipynb #ad6beef7
 class MultiStepSchedule:
     "`start` multiplied by `gamma` at each milestone (a fraction of training) passed"
     def __init__(self, start, milestones=(0.5, 0.75), gamma:float=0.1): self.start,self.milestones,self.gamma = start,tuple(milestones),gamma
@@ -284,7 +293,7 @@ def fit_multistep(self:Learner, n_epoch:int, lr=None, # start lr (default: `self
     lr = np.array([h['lr'] for h in self.opt.hypers]) # one per parameter group (a slice spreads them)
     self.fit(n_epoch, cbs=[ParamScheduler({'lr': MultiStepSchedule(lr, milestones, gamma)})] + L(cbs), reset_opt=reset_opt, wd=wd)
 
-# %% ../nbs/08_learner.ipynb #935dab9d
+# %% ../nbs/08_learner.ipynb #f1515220
 class CheckpointCallback(Callback):
     "Save model and optimiser to `fname` (in `learn.path/learn.model_dir`) at the end of every epoch"
     order = 70 # after the Recorder has logged the epoch

@@ -1,11 +1,13 @@
-"""Seconds per training step of vanilla, DML and AFD for the same pair, measured side by side in one run.
+"""Seconds per training step of several methods for the same networks, measured side by side in one run.
 
     python benchmarks/step_time.py --models resnet32,wrn16_4 --bs 64 --rounds 3 --steps 5
+    python benchmarks/step_time.py --models resnet32,resnet32 --methods vanilla,dml,dml_alternating,kd,one,l1,l1_kd,kd_offline,afd
 
 Methods are interleaved round by round (vanilla, dml, afd, vanilla, ...) so that drifts in machine load hit all of
 them alike; each round's first step is a warm-up and is not counted. Data are random 3×32×32 images with 100
 classes (the timing does not depend on the pixels). A step is one training batch from `before_batch` to
 `after_batch`: forward, losses, backward, the SGD step and, for AFD, the discriminators and the second optimiser.
+Offline methods take the first network as their (untrained, frozen) teacher and the others as students.
 """
 import time, statistics
 import torch
@@ -14,7 +16,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.callback.core import Callback
 from fastai.torch_core import set_seed, default_device
-from afd_fastai.learner import afd_learner
+from afd_fastai.learner import afd_learner, distill_methods, resolve_model
 
 class StepTimer(Callback):
     "Wall time of every training batch"
@@ -47,7 +49,10 @@ def main(models:str='resnet32,wrn16_4', # comma-separated zoo networks
     set_seed(0)
     dls = random_dls(steps + 1, bs)
     methods, nets = methods.split(','), models.split(',')
-    learners = {m: afd_learner(dls, nets, method=m) for m in methods}
+    def learner(m):
+        if distill_methods[m].offline: return afd_learner(dls, nets[1:], method=m, teacher=resolve_model(nets[0], dls.c))
+        return afd_learner(dls, nets, method=m)
+    learners = {m: learner(m) for m in methods}
     times = {m: [] for m in methods}
     for r in range(rounds):
         for m in methods:

@@ -28,11 +28,18 @@ def afd_train(*args, cwd):
     (['--method', 'kd_offline', '--models', 'resnet20'], "teacher's network then the student's"),
     (['--data', 'imagenet', '--data-path', '.', '--models', 'resnet18,resnet34'], 'train/ and val/'),
 ])
-def test_bad_options_fail_clearly(tmp_path, args, message):
-    res = afd_train(*args, cwd=tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert message in res.stderr
+def test_bad_options_fail_clearly(tmp_path, monkeypatch, capsys, args, message):
+    "In-process through the console entry point (the same parser and checks, without a new interpreter per case)"
+    from afd_fastai.cli import main
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit: main(args)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path/'afd_results').exists()
+
+def test_console_script_exits_with_status_2(tmp_path):
+    res = afd_train('--models', 'resnet20,foo', cwd=tmp_path)
+    assert res.returncode == 2 and 'afd_train: error: unknown model(s) foo' in res.stderr
 
 def test_short_run_writes_tables(tmp_path):
     res = afd_train('--epochs', '1', '--n-per-class', '5', '--seed', '0,1', '--out', 'res', cwd=tmp_path)
