@@ -7,7 +7,7 @@ __all__ = ['EnsembleKDCallback', 'AlternatingDMLCallback', 'FeatureAligner', 'at
            'FeatureAlignCallback', 'FrozenTeacherCallback', 'load_teacher', 'last_stage_start', 'OneModel',
            'OneCallback']
 
-# %% ../nbs/12_baselines.ipynb #ce2d4890
+# %% ../nbs/12_baselines.ipynb #0b8d4b64
 from collections import OrderedDict
 from pathlib import Path
 import torch
@@ -21,9 +21,9 @@ from .core import PeerModel, model_name
 from .losses import soft_kl
 from .topology import as_topology
 from .distill import add_distill_term
-from .adversarial import TransferLayer, shared_size, feature_shapes
+from .adversarial import FeaturePair, attach_edge_modules
 
-# %% ../nbs/12_baselines.ipynb #0ad1b29f
+# %% ../nbs/12_baselines.ipynb #6235ecb2
 class EnsembleKDCallback(Callback):
     "Online KD: add `weight`·T²·KL from the ensemble (averaged logits, detached) to each network's loss"
     run_valid = False
@@ -32,7 +32,7 @@ class EnsembleKDCallback(Callback):
         teacher = torch.stack([p.float() for p in self.pred]).mean(0)
         add_distill_term(self.learn, self.weight * sum(soft_kl(p, teacher, self.T) for p in self.pred))
 
-# %% ../nbs/12_baselines.ipynb #03114f5a
+# %% ../nbs/12_baselines.ipynb #bc924d8b
 class AlternatingDMLCallback(Callback):
     "DML with alternating updates: network 0 steps, then each next network from a fresh forward of the batch"
     run_valid = False
@@ -74,34 +74,18 @@ class AlternatingDMLCallback(Callback):
             self.losses.append(loss.detach())
         self.learn.loss = sum(self.losses)
 
-# %% ../nbs/12_baselines.ipynb #962a83ce
-class FeatureAligner(nn.Module):
+# %% ../nbs/12_baselines.ipynb #faf97cda
+class FeatureAligner(FeaturePair):
     "Brings a student's feature map to its teacher's size and channels (pooling; a transfer layer where channels differ)"
-    def __init__(self, student_shape, teacher_shape, names=('student', 'teacher')):
-        super().__init__()
-        (cs, *hw_s), (ct, *hw_t) = student_shape, teacher_shape
-        self.size = shared_size(hw_s, hw_t, *names)
-        self.transfer = TransferLayer(cs, ct) if cs != ct else nn.Identity()
-    def _pool(self, f): return f if tuple(f.shape[-2:]) == self.size else F.adaptive_avg_pool2d(f, self.size)
     def forward(self, student_map, teacher_map):
         "The student's map and the teacher's (detached), aligned"
         return self.transfer(self._pool(student_map)), self._pool(teacher_map.detach())
 
 def attach_aligners(model:PeerModel, topology, x):
     "Give `model` a `FeatureAligner` per teacher → student edge of `topology` (kept if it has them already)"
-    topo = as_topology(topology, len(model.models))
-    if getattr(model, 'aligners', None) is not None:
-        if list(model.aligner_edges) != topo.edges:
-            raise ValueError(f"This model already has alignment layers for the (teacher, student) edges {model.aligner_edges}, "
-                             f"not {topo.edges}: build a new learner to use another topology")
-        return model.aligners
-    shapes = feature_shapes(model, x)
-    model.aligners = nn.ModuleList([FeatureAligner(shapes[s], shapes[t], (model.names[s], model.names[t]))
-                                    for t, s in topo.edges]).to(x.device)
-    model.aligner_edges = topo.edges
-    return model.aligners
+    return attach_edge_modules(model, topology, x, 'aligners', 'aligner_edges', FeatureAligner, 'alignment layers')
 
-# %% ../nbs/12_baselines.ipynb #457fe964
+# %% ../nbs/12_baselines.ipynb #853ea119
 def alignment_loss(maps, aligners, edges, dist=F.l1_loss):
     "Sum over students of the mean over their teachers of `dist` between the aligned maps"
     per_student = {}
@@ -132,7 +116,7 @@ class FeatureAlignCallback(Callback):
         term = alignment_loss(model.feature_maps, model.aligners, model.aligner_edges, self.dist)
         add_distill_term(self.learn, self.weight * term, 'align_loss')
 
-# %% ../nbs/12_baselines.ipynb #35b9a8a5
+# %% ../nbs/12_baselines.ipynb #60134879
 class FrozenTeacherCallback(Callback):
     "Keep network `k` fixed: `requires_grad` off and eval mode while the others train"
     def __init__(self, k:int=0): self.k = k
@@ -144,7 +128,7 @@ class FrozenTeacherCallback(Callback):
     def before_fit(self): self._freeze() # again, in case `unfreeze()` switched gradients back on
     def before_train(self): self.teacher.eval()
 
-# %% ../nbs/12_baselines.ipynb #adbc7c7a
+# %% ../nbs/12_baselines.ipynb #f6f4f5c9
 def load_teacher(spec):
     "A trained teacher network: an `nn.Module`, or a file holding one (`torch.save(model)`) or an exported `Learner`"
     if isinstance(spec, nn.Module): return spec
@@ -158,7 +142,7 @@ def load_teacher(spec):
                         "torch.save(model, path) (or learn.export()), not its state_dict")
     raise TypeError(f"A teacher must be an nn.Module or the path of a saved one, got {type(spec).__name__}")
 
-# %% ../nbs/12_baselines.ipynb #60bd9394
+# %% ../nbs/12_baselines.ipynb #9d5832a9
 def last_stage_start(net:BodyHeadNet):
     "Index in `net.body` where its last stage starts: the last child that is an `nn.Sequential` of blocks"
     stages = [i for i, m in enumerate(net.body) if isinstance(m, nn.Sequential)]
@@ -168,7 +152,7 @@ def last_stage_start(net:BodyHeadNet):
 def _first_conv(module):
     return next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
 
-# %% ../nbs/12_baselines.ipynb #f057d837
+# %% ../nbs/12_baselines.ipynb #5b2b573c
 class OneModel(PeerModel):
     "ONE: networks sharing their layers below the last stage; a gate mixes the branches' logits into the ensemble"
     gated = True
@@ -210,7 +194,7 @@ class OneModel(PeerModel):
         "The shared layers and the gate; then each branch (last stage and head)"
         return [params(self.shared) + params(self.gate)] + [params(net.body.upper) + params(net.head) for net in self.models]
 
-# %% ../nbs/12_baselines.ipynb #3ca78695
+# %% ../nbs/12_baselines.ipynb #3aa03cd4
 class OneCallback(Callback):
     "ONE's distillation term: the gated ensemble (the model's last output, detached) teaches every branch"
     run_valid = False
