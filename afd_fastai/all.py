@@ -5,11 +5,13 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/11_all.ipynb #9cdae39c
+# %% ../nbs/11_all.ipynb #a8bd68ae
 from .models import *
 from .core import *
 from .losses import *
 from .topology import *
+from .methods import *
+from .schedule import *
 from .distill import *
 from .adversarial import *
 from .cyclic import *
@@ -19,7 +21,8 @@ from .data import *
 from .baselines import *
 from .presets import *
 from .cli import run_experiment, make_dls
-from . import models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data, baselines, presets
-__all__ = [name for module in (models, core, losses, topology, distill, adversarial, cyclic, metrics, learner, data,
-                               baselines, presets)
+from . import (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics, learner,
+                        data, baselines, presets)
+__all__ = [name for module in (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics,
+                               learner, data, baselines, presets)
            for name in module.__all__] + ['run_experiment', 'make_dls']

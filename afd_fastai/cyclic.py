@@ -5,19 +5,20 @@
 # %% auto #0
 __all__ = ['CyclicPeerCallback']
 
-# %% ../nbs/06_cyclic.ipynb #26bef03d
-from .distill import distill_loss, add_distill_term
+# %% ../nbs/06_cyclic.ipynb #d12b5b86
+from .methods import paper
+from .distill import DistillCallback
 from .adversarial import AdversarialFeatureCallback
 
-# %% ../nbs/06_cyclic.ipynb #6e916e42
-class CyclicPeerCallback(AdversarialFeatureCallback):
-    "AFD's cyclic scheme: network k learns from network k−1 (the first from the last) through logits and feature maps"
-    def __init__(self, T:float=3., # softmax temperature of the logit-level term
-                 kd_weight:float=1., # weight of the logit-level term (0: feature level only)
+# %% ../nbs/06_cyclic.ipynb #89d06cbc
+class CyclicPeerCallback(DistillCallback, AdversarialFeatureCallback):
+    "AFD's cyclic scheme in one callback: `DistillCallback` and `AdversarialFeatureCallback` on the cyclic topology"
+    def __init__(self, T:float=paper.T, # softmax temperature of the logit-level term
+                 kd_weight:float=paper.kd_weight, # weight of the logit-level term (0: feature level only)
                  **kwargs): # passed to `AdversarialFeatureCallback` (lr, wd, milestones, ...)
-        super().__init__(topology='cyclic', **kwargs)
-        self.T,self.kd_weight = T,kd_weight
-
-    def after_loss(self):
-        if self.kd_weight: add_distill_term(self.learn, self.kd_weight * distill_loss(self.pred, self.topo, self.T))
-        super().after_loss()
+        AdversarialFeatureCallback.__init__(self, topology='cyclic', **kwargs)
+        DistillCallback.__init__(self, T=T, weight=kd_weight, topology='cyclic')
+    def before_fit(self): DistillCallback.before_fit(self); AdversarialFeatureCallback.before_fit(self)
+    def before_train(self): DistillCallback.before_train(self); AdversarialFeatureCallback.before_train(self)
+    def after_loss(self): DistillCallback.after_loss(self); AdversarialFeatureCallback.after_loss(self)
+    def columns(self): return DistillCallback.columns(self) + AdversarialFeatureCallback.columns(self)

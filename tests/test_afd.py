@@ -171,8 +171,26 @@ def test_save_model_callback_keeps_the_second_optimiser(small_digits, tmp_path):
     learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path)
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.02, cbs=SaveModelCallback(fname='best', with_opt=True))
     state = torch.load(tmp_path/'models'/'best.pth', weights_only=False)
-    assert set(state) == {'model', 'opt', 'callbacks'} and 'adversarial_feature' in state['callbacks']
+    assert set(state) == {'model', 'opt'} and state['opt']['second'] is not None # fastai's format, both optimisers in 'opt'
     assert any(k.startswith('adversaries.') for k in state['model'])
+    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path).load('best')
+    torch.testing.assert_close(other.adversarial_feature.adv_opt.state_dict()['state'], state['opt']['second']['state'])
+
+
+def test_checkpoint_of_the_previous_version_still_loads(small_digits, tmp_path):
+    "afd_fastai 0.0.1 wrote {'model', 'opt', 'callbacks': {'adversarial_feature': {'opt', ...}}}"
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    opt = learn.opt.state_dict()
+    second = opt.pop('second')
+    (tmp_path/'models').mkdir(exist_ok=True)
+    torch.save({'model': learn.model.state_dict(), 'opt': opt,
+                'callbacks': {'adversarial_feature': {'opt': second, 'scale': None, 'good_steps': 0}}}, tmp_path/'models'/'old.pth')
+    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path).load('old')
+    for k, v in other.model.state_dict().items(): torch.testing.assert_close(v, learn.model.state_dict()[k])
+    torch.testing.assert_close(other.adversarial_feature.adv_opt.state_dict()['state'], second['state'])
+    torch.save({'something': 'else'}, tmp_path/'models'/'bad.pth') # anything else still fails as fastai fails
+    with pytest.raises(RuntimeError): other.load('bad')
 
 
 def test_afd_learns_and_losses_stay_finite(small_digits):
@@ -194,29 +212,28 @@ def test_nan_in_adversarial_loss_stops_training(small_digits):
     for k, v in learn.model.models.named_parameters(): torch.testing.assert_close(v, before[k]) # no weight updated
 
 
-def test_fp16_loss_scaling_of_the_generator(small_digits):
-    "The second optimiser's own loss scale, forced on (on CPU fastai's autocast is off): same step, overflow skipped"
+def test_fp16_loss_scaling_of_the_adversarial_gradients(small_digits):
+    "The second optimiser's own GradScaler, forced on (on CPU fastai's autocast is off): same step, overflow skipped"
     dls = digits_dls(size=16, n_per_class=3, bs=30)
+    dls.train.shuffle = False # the same order of the batch's images, so that the two steps sum in the same order
     a = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3)
     b = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3)
     b.model.load_state_dict(a.model.state_dict())
     b.adversarial_feature.loss_scale = 2.**10
     for l in (a, b): l.fit(1, 0.05, cbs=OneStep())
     for k, v in b.model.state_dict().items(): torch.testing.assert_close(v, a.model.state_dict()[k], rtol=1e-4, atol=1e-5)
-    assert b.adversarial_feature.scale == 2.**10 and b.adversarial_feature.skipped_steps == 0
+    assert b.adversarial_feature.scaler.get_scale() == 2.**10 and b.adversarial_feature.skipped_steps == 0
     c = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3)
-    c.adversarial_feature.loss_scale = float('inf') # the scaled generator gradients overflow
+    c.adversarial_feature.loss_scale = float('inf') # the scaled adversarial gradients overflow
     bodies = deepcopy([m.body.state_dict() for m in c.model.models])
-    c.fit(1, 0., cbs=OneStep()) # first optimiser at lr 0: only an adversarial generator step could move the bodies
+    discs = deepcopy(c.model.adversaries.state_dict())
+    c.fit(1, 0., cbs=OneStep()) # first optimiser at lr 0: only an adversarial step could move the bodies
     assert c.adversarial_feature.skipped_steps == 1
     for m, s in zip(c.model.models, bodies):
         for k, v in m.body.state_dict().items():
             if v.is_floating_point() and 'running' not in k: torch.testing.assert_close(v, s[k])
-    cb = AdversarialFeatureCallback()
-    cb.scale = 8.
-    assert cb._unscale([torch.tensor([float('inf')]), None]) == [None, None] and cb.scale == 4.
-    torch.testing.assert_close(cb._unscale([torch.tensor([2.])])[0], torch.tensor([0.5]))
-    assert cb.good_steps == 1 and cb.skipped_steps == 1
+    for k, v in c.model.adversaries.state_dict().items():
+        if v.is_floating_point() and 'running' not in k: torch.testing.assert_close(v, discs[k])
 
 
 def test_export_load_learner_and_peer(small_digits, tmp_path):

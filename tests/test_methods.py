@@ -120,7 +120,7 @@ def test_l1_step_equals_plain_pytorch(method):
 
 def test_one_step_equals_plain_pytorch():
     learn, ref, x, y, before = step_and_reference(['resnet20'] * 3, 'one')
-    assert isinstance(ref, OneModel) and len(learn.opt.param_lists) == 4 # shared + gate, then three branches
+    assert isinstance(ref, OneModel) and len(learn.opt.param_lists) == 2 # bodies (shared layers, last stages), heads + gate
     opt = sgd(ref.parameters(), 0.05) # parameters() lists each shared parameter once
     low = ref.shared(x)
     z = [n.head(n.body.upper(low)) for n in ref.models]
@@ -133,7 +133,7 @@ def test_one_step_equals_plain_pytorch():
 
 def test_one_learner_predicts_with_the_gated_ensemble(small_digits, tmp_path):
     learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method='one', path=tmp_path)
-    assert [m.name for m in learn.metrics] == ['acc_resnet20_1', 'acc_resnet20_2', 'acc_avg', 'acc_ens']
+    assert [m.name for m in learn.metrics] == ['acc_resnet20_1', 'acc_resnet20_2', 'acc_avg', 'acc_ens', 'distill_loss']
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 0.05)
     values = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:])) # read before get_preds resets them
     preds, targs = learn.get_preds()
@@ -207,7 +207,7 @@ def test_every_method_learns(small_digits, method, models):
     learn = afd_learner(small_digits, models, method=method)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.05)
     final = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
-    assert all(v > 0.6 for v in final.values()), final # chance is 0.1
+    assert all(v > 0.6 for k, v in final.items() if k.startswith('acc_')), final # chance is 0.1
 
 
 class Targets(Callback):

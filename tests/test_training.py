@@ -94,7 +94,7 @@ def test_three_networks_and_torchvision(small_digits, method):
     if method == 'afd': # resnet18's 512×1×1 map (16-pixel inputs) against the others' 4×4 maps: pooled to 1×1
         assert [a.size for a in learn.model.adversaries] == [(4, 4), (1, 1), (1, 1)] # edges 2→0, 0→1, 1→2
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
-    assert len(learn.recorder.values[-1]) == 2 + 5 + (2 if method == 'afd' else 0)
+    assert len(learn.recorder.values[-1]) == 2 + 5 + 1 + (2 if method == 'afd' else 0) # losses, accuracies, terms
     assert all(math.isfinite(v) for v in learn.recorder.values[-1])
 
 def test_cifar_folder_trains(tmp_path):
