@@ -1,0 +1,144 @@
+"fastai's Learner API on a peer learner: a DML step against plain PyTorch, checkpoints, freezing, interpretation, tta"
+from copy import deepcopy
+import pytest, torch, torchvision
+import torch.nn.functional as F
+from fastcore.test import test_close as close, test_eq as equal, test_fail as fails
+from fastai.callback.core import Callback, CancelFitException
+from fastai.interpret import ClassificationInterpretation
+from fastai.vision.learner import create_cnn_model
+from afd_fastai.all import *
+
+
+class OneStep(Callback):
+    "Keep the first training batch and stop after its optimiser step"
+    def before_batch(self): self.xb,self.yb = self.x.clone(),self.y.clone()
+    def after_step(self): raise CancelFitException()
+
+
+def plain_dml_step(nets, x, y, lr, T=3., mom=0.9, wd=1e-4):
+    opt = torch.optim.SGD([p for n in nets for p in n.parameters()], lr=lr, momentum=mom, weight_decay=wd)
+    logits = [n(x) for n in nets]
+    loss = 0.
+    for k, z in enumerate(logits):
+        others = [j for j in range(len(nets)) if j != k]
+        kl = 0.
+        for j in others:
+            p_teacher = F.softmax(logits[j].detach() / T, dim=1)
+            kl = kl + (p_teacher * (p_teacher.log() - F.log_softmax(z / T, dim=1))).sum(1).mean()
+        loss = loss + F.cross_entropy(z, y) + T**2 * kl / len(others)
+    opt.zero_grad(); loss.backward(); opt.step()
+
+
+@pytest.fixture(scope='module')
+def dls(): return digits_dls(size=16, bs=64)
+
+
+def test_one_dml_step_equals_a_plain_pytorch_step(dls):
+    learn = afd_learner(dls, ['resnet20', 'wrn16_2', 'resnet20'], method='dml')
+    plain = [deepcopy(m) for m in learn.model.models]
+    initial = deepcopy(learn.model.state_dict())
+    step = OneStep()
+    learn.fit(1, lr=0.05, cbs=step)
+    plain_dml_step(plain, step.xb.as_subclass(torch.Tensor), step.yb.as_subclass(torch.Tensor), lr=0.05)
+    for net, ref in zip(learn.model.models, plain):
+        for (name, p), q in zip(net.state_dict().items(), ref.state_dict().values()): close(p, q, eps=1e-5)
+    # and the step really changed the weights (so the comparison is not vacuous)
+    moved = [(p - initial[name]).abs().max().item() for name, p in learn.model.state_dict().items() if p.is_floating_point()]
+    assert min(moved) >= 0 and max(moved) > 1e-3 and sum(m > 0 for m in moved) > len(moved) // 2
+
+
+def test_checkpoints_survive_an_interrupted_fit(dls, tmp_path):
+    class StopInSecondEpoch(Callback):
+        def after_batch(self):
+            if self.epoch == 1 and self.iter == 2: raise RuntimeError('power cut')
+    ck_learn = afd_learner(dls, ['resnet20', 'resnet20'], method='dml', path=tmp_path)
+    ckpt = CheckpointCallback('run')
+    class KeepEpochEnd(Callback):
+        order = 71
+        def after_epoch(self): self.state = deepcopy(self.learn.model.state_dict())
+    keep = KeepEpochEnd()
+    fails(lambda: ck_learn.fit(3, lr=0.05, cbs=[ckpt, keep, StopInSecondEpoch()]), contains='power cut')
+    equal(sorted(f.name for f in (tmp_path/'models').iterdir()), ['run.pth'])
+    restored = afd_learner(dls, ['resnet20', 'resnet20'], method='dml', path=tmp_path).load('run')
+    for name, value in restored.model.state_dict().items(): equal(value, keep.state[name])
+
+
+def pretrained_style_peers():
+    "A fastai `create_cnn_model` network and a torchvision one, as users bring pretrained peers (weights not downloaded)"
+    return [create_cnn_model(torchvision.models.resnet18, 10, pretrained=False), torchvision.models.resnet18(num_classes=10)]
+
+
+
+def moved(before, after, keep):
+    "Names of the floating-point entries of `after` that differ from `before`, among those `keep(name)` selects"
+    return {k for k, v in after.items() if keep(k) and v.is_floating_point() and not torch.equal(v, before[k])}
+
+
+@pytest.mark.parametrize('method', ['afd', 'dml'])
+def test_freeze_trains_every_head_and_batchnorm(method):
+    dls = digits_dls(size=32, n_per_class=12, bs=40)
+    learn = afd_learner(dls, pretrained_style_peers(), method=method, adv_lr=1e-3)
+    assert learn.names == ['resnet18', 'resnet'] # the fastai model is named after the architecture found in its body
+    model = learn.model
+    bn = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    param_owner = lambda k: k.rsplit('.', 1)[0]
+    heads = ('models.0.1.', 'models.1.fc.')
+    learn.freeze()
+    before = deepcopy(model.state_dict())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    after = model.state_dict()
+    is_param = lambda k: not any(s in k for s in ('running_', 'num_batches'))
+    body_weights = lambda k: k.startswith('models.') and not k.startswith(heads) and is_param(k)
+    frozen_moved = moved(before, after, lambda k: body_weights(k) and param_owner(k) not in bn)
+    assert frozen_moved == set(), sorted(frozen_moved)[:5] # the bodies' convolutions are frozen, for both optimisers
+    assert moved(before, after, lambda k: body_weights(k) and param_owner(k) in bn) # BatchNorm trains, as in fastai
+    for head in heads: assert moved(before, after, lambda k: k.startswith(head) and is_param(k)), head
+    if method == 'afd': assert moved(before, after, lambda k: k.startswith('adversaries.') and is_param(k))
+    learn.unfreeze()
+    before = deepcopy(model.state_dict())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert moved(before, model.state_dict(), lambda k: body_weights(k) and param_owner(k) not in bn)
+
+
+def test_freeze_keeps_alignment_layers_trainable_and_fine_tune_works():
+    dls = digits_dls(size=16, n_per_class=12, bs=40)
+    learn = afd_learner(dls, ['resnet20', 'wrn16_2'], method='l1')
+    learn.freeze()
+    before = deepcopy(learn.model.state_dict())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert moved(before, learn.model.state_dict(), lambda k: k.startswith('aligners.') and 'running' not in k)
+    assert not moved(before, learn.model.state_dict(), lambda k: k.endswith('conv1.weight'))
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-2, freeze_epochs=1)
+    assert all(p.requires_grad for p in learn.model.parameters()) # fine_tune ends unfrozen
+    assert len(learn.recorder.values) == 1 # the unfrozen epoch (fine_tune's frozen one is its own fit)
+
+
+def test_discriminative_learning_rates_span_bodies_to_heads():
+    dls = digits_dls(size=16, n_per_class=4, bs=20)
+    learn = afd_learner(dls, ['resnet20', 'wrn16_2'], method='dml')
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, slice(1e-4, 1e-2))
+    close([h['lr'] for h in learn.opt.hypers], [1e-4, 1e-2])
+    body, head = learn.opt.param_lists
+    equal({id(p) for p in head}, {id(p) for m in learn.model.models for p in m.head.parameters()})
+
+
+def test_interpretation_get_preds_with_loss_tta_and_show_results(dls):
+    learn = afd_learner(dls, ['resnet20', 'wrn16_2'], method='dml')
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.05)
+    (p0, p1), targs, losses = learn.get_preds(with_loss=True)
+    by_hand = F.nll_loss(p0.log(), targs.long(), reduction='none') + F.nll_loss(p1.log(), targs.long(), reduction='none')
+    close(losses, by_hand, eps=1e-4)
+    interp = ClassificationInterpretation.from_learner(learn) # fastai's own entry point works on the ensemble
+    ens = ((p0 + p1) / 2).argmax(1)
+    equal(interp.confusion_matrix().trace(), (ens == targs).sum().item())
+    assert isinstance(interp.most_confused(), list)
+    ours = learn.interpret()
+    close(ours.losses, -((p0 + p1) / 2).gather(1, targs.long()[:, None])[:, 0].log(), eps=1e-4)
+    import fastai.vision.learner # plot_top_losses for images
+    ours.plot_top_losses(4)
+    equal(learn.interpret('wrn16_2').confusion_matrix().trace(), (p1.argmax(1) == targs).sum().item())
+    (t0, t1), tt = learn.tta(n=2)
+    equal(t0.shape, p0.shape); equal(tt, targs)
+    (a0, a1), (b0, b1) = learn.tta(n=2, beta=None)[0]
+    close(b0, p0, eps=1e-5)
+    learn.show_results(max_n=4)
