@@ -39,7 +39,7 @@ class TransferLayer(nn.Sequential):
     def __init__(self, c_in:int, c_out:int, ks:int=1):
         super().__init__(nn.Conv2d(c_in, c_out, ks, padding=ks // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
-# %% ../nbs/05_adversarial.ipynb #17e7f254
+# %% ../nbs/05_adversarial.ipynb #a2aa0d08
 def shared_size(student_hw, teacher_hw, student:str='student', teacher:str='teacher'):
     "The spatial size both maps are pooled to: the smaller, where each side of the larger is a whole multiple of it"
     size = []
@@ -70,8 +70,12 @@ class FeatureAdversary(FeaturePair):
     def __init__(self, student_shape, teacher_shape, names=('student', 'teacher'), hidden:int=None, leak:float=0.2):
         super().__init__(student_shape, teacher_shape, names)
         self.discriminator = Discriminator(teacher_shape[0], hidden, leak) # it judges maps in the teacher's channels
-    def real(self, f): return self._pool(at_least_fp32(f))
-    def fake(self, f): return self.transfer(self._pool(at_least_fp32(f)))
+    def real(self, f):
+        "The teacher's map `f`, pooled to the shared size"
+        return self._pool(at_least_fp32(f))
+    def fake(self, f):
+        "The student's map `f`, pooled to the shared size and through the transfer layer"
+        return self.transfer(self._pool(at_least_fp32(f)))
 
 # %% ../nbs/05_adversarial.ipynb #395b1974
 def add_adversaries(model:PeerModel, topology='mutual', hidden:int=None, leak:float=0.2):
@@ -79,7 +83,7 @@ def add_adversaries(model:PeerModel, topology='mutual', hidden:int=None, leak:fl
     edges = as_topology(topology, len(model.models)).edges
     return model.add_edge_modules('adversaries', edges, lambda s, t, names: FeatureAdversary(s, t, names, hidden, leak))
 
-# %% ../nbs/05_adversarial.ipynb #52995cbd
+# %% ../nbs/05_adversarial.ipynb #aeea067b
 class PeerOptimizer(GetAttr):
     "The learner's optimiser, plus a `second` one that a callback steps; one `state_dict` holds both"
     _default = 'main'
@@ -87,8 +91,10 @@ class PeerOptimizer(GetAttr):
                  make_second): # makes the second optimiser when it is first needed
         self.main,self.make_second,self.second = main,make_second,None
     def state_dict(self):
+        "The first optimiser's state, with the second's under 'second' (None before it exists)"
         return {**self.main.state_dict(), 'second': None if self.second is None else self.second.state_dict()}
     def load_state_dict(self, sd:dict):
+        "Load what `state_dict` gave, making the second optimiser if the state has one"
         sd = dict(sd)
         second = sd.pop('second', None)
         self.main.load_state_dict(sd)
@@ -96,7 +102,7 @@ class PeerOptimizer(GetAttr):
             if self.second is None: self.second = self.make_second()
             self.second.load_state_dict(second)
 
-# %% ../nbs/05_adversarial.ipynb #96410426
+# %% ../nbs/05_adversarial.ipynb #52df9142
 class AdversarialLossError(RuntimeError):
     "The adversarial losses or their gradients stopped being finite"
 
@@ -160,8 +166,12 @@ class AdversarialFeatureCallback(Callback):
     def columns(self):
         "The `d_loss` and `g_loss` columns for the learner's metrics"
         return [ValueMetric(self.d_loss_mean, 'd_loss'), ValueMetric(self.g_loss_mean, 'g_loss')]
-    def d_loss_mean(self): return self.sums[0] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
-    def g_loss_mean(self): return self.sums[1] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
+    def d_loss_mean(self):
+        "`d_loss`, averaged over this epoch's training batches (None before any)"
+        return self.sums[0] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
+    def g_loss_mean(self):
+        "`g_loss`, averaged over this epoch's training batches (None before any)"
+        return self.sums[1] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
 
     def __getstate__(self): return {**self.__dict__, 'grads': None, 'params': None, 'gen': None, 'disc': None, 'scaler': None}
 

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/11_all.ipynb #a8bd68ae
+# %% ../nbs/11_all.ipynb #ee014806
 from .models import *
 from .core import *
 from .losses import *
@@ -20,7 +20,7 @@ from .learner import *
 from .data import *
 from .baselines import *
 from .presets import *
-from .cli import run_experiment, make_dls
+from .experiment import run_experiment, make_dls
 from . import (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics, learner,
                         data, baselines, presets)
 __all__ = [name for module in (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics,

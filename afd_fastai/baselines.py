@@ -115,19 +115,19 @@ class FrozenTeacherCallback(Callback):
     def before_fit(self): self._freeze() # again, in case `unfreeze()` switched gradients back on
     def before_train(self): self.teacher.eval()
 
-# %% ../nbs/12_baselines.ipynb #267f4ebc
-def load_teacher(spec):
+# %% ../nbs/12_baselines.ipynb #c76b703a
+def load_teacher(given):
     "A trained teacher network: an `nn.Module`, or a file holding one (`torch.save(model)`) or an exported `Learner`"
-    if isinstance(spec, nn.Module): return spec
-    if isinstance(spec, (str, Path)):
-        path = Path(spec)
+    if isinstance(given, nn.Module): return given
+    if isinstance(given, (str, Path)):
+        path = Path(given)
         if not path.is_file(): raise FileNotFoundError(f"Teacher file {path} does not exist")
         obj = torch.load(path, map_location='cpu', weights_only=False) # a pickled module: only load files you trust
         obj = getattr(obj, 'model', obj) # an exported fastai Learner
         if isinstance(obj, nn.Module): return obj
         raise TypeError(f"{path} holds a {type(obj).__name__}, not a network: save the module itself with "
                         "torch.save(model, path) (or learn.export()), not its state_dict")
-    raise TypeError(f"A teacher must be an nn.Module or the path of a saved one, got {type(spec).__name__}")
+    raise TypeError(f"A teacher must be an nn.Module or the path of a saved one, got {type(given).__name__}")
 
 # %% ../nbs/12_baselines.ipynb #5a9df1ee
 def last_stage_start(net:BodyHeadNet):

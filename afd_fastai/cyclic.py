@@ -10,7 +10,7 @@ from .methods import paper
 from .distill import DistillCallback
 from .adversarial import AdversarialFeatureCallback
 
-# %% ../nbs/06_cyclic.ipynb #89d06cbc
+# %% ../nbs/06_cyclic.ipynb #55dee605
 class CyclicPeerCallback(DistillCallback, AdversarialFeatureCallback):
     "AFD's cyclic scheme in one callback: `DistillCallback` and `AdversarialFeatureCallback` on the cyclic topology"
     def __init__(self, T:float=paper.T, # softmax temperature of the logit-level term
@@ -21,4 +21,6 @@ class CyclicPeerCallback(DistillCallback, AdversarialFeatureCallback):
     def before_fit(self): DistillCallback.before_fit(self); AdversarialFeatureCallback.before_fit(self)
     def before_train(self): DistillCallback.before_train(self); AdversarialFeatureCallback.before_train(self)
     def after_loss(self): DistillCallback.after_loss(self); AdversarialFeatureCallback.after_loss(self)
-    def columns(self): return DistillCallback.columns(self) + AdversarialFeatureCallback.columns(self)
+    def columns(self):
+        "The columns of both terms: `distill_loss`, `d_loss` and `g_loss`"
+        return DistillCallback.columns(self) + AdversarialFeatureCallback.columns(self)

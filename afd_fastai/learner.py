@@ -77,7 +77,7 @@ def method_callbacks(method:DistillMethod, topology, T:float=paper.T, kd_weight:
     if method.adversarial: cbs.append(AdversarialFeatureCallback(topology, lr=adv_lr, wd=adv_wd, milestones=adv_milestones))
     return cbs
 
-# %% ../nbs/08_learner.ipynb #2c3adf13
+# %% ../nbs/08_learner.ipynb #d6050d36
 def torchvision_models():
     "Names of torchvision's classification models ('resnet18', ...)"
     return torchvision.models.list_models(module=torchvision.models)
@@ -86,26 +86,26 @@ def known_model(name:str):
     "Whether `name` is a zoo network or a torchvision classification model"
     return name in model_zoo or name in torchvision_models()
 
-def resolve_model(spec, n_out:int=None):
+def resolve_model(given, n_out:int=None):
     "An `nn.Module` from a module, a zoo or torchvision name (`'resnet32'`, `'resnet18'`) or a constructor, built with `n_out` classes"
-    if isinstance(spec, nn.Module): return spec
-    if isinstance(spec, str):
-        if spec not in model_zoo and spec in torchvision_models(): # e.g. 'resnet18' for ImageNet
-            model = getattr(torchvision.models, spec)(num_classes=n_out or 1000)
-            model.arch = spec # its name in metric columns
+    if isinstance(given, nn.Module): return given
+    if isinstance(given, str):
+        if given not in model_zoo and given in torchvision_models(): # e.g. 'resnet18' for ImageNet
+            model = getattr(torchvision.models, given)(num_classes=n_out or 1000)
+            model.arch = given # its name in metric columns
             return model
-        return zoo_model(spec, n_out=n_out or 100)
-    if callable(spec):
-        try: sig = inspect.signature(spec).parameters
+        return zoo_model(given, n_out=n_out or 100)
+    if callable(given):
+        try: sig = inspect.signature(given).parameters
         except (TypeError, ValueError): sig = {}
-        if n_out is not None and 'n_out' in sig: return spec(n_out=n_out)
+        if n_out is not None and 'n_out' in sig: return given(n_out=n_out)
         takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.values())
         if n_out is not None and ('num_classes' in sig or takes_kwargs): # torchvision's constructors
-            try: return spec(num_classes=n_out)
+            try: return given(num_classes=n_out)
             except TypeError:
                 if 'num_classes' in sig: raise
-        return spec()
-    raise TypeError(f"Cannot make a network from {spec!r}: give an nn.Module, a zoo name or a constructor")
+        return given()
+    raise TypeError(f"Cannot make a network from {given!r}: give an nn.Module, a zoo name or a constructor")
 
 # %% ../nbs/08_learner.ipynb #f51af56a
 class AFDLearner(Learner):
@@ -207,7 +207,7 @@ def add_method_modules(model:PeerModel, method:DistillMethod, topology):
     makers = {**method.edge_modules, **({'adversaries': FeatureAdversary} if method.adversarial else {})}
     for name, make in makers.items(): model.add_edge_modules(name, edges, make)
 
-# %% ../nbs/08_learner.ipynb #19f6c42e
+# %% ../nbs/08_learner.ipynb #c5137ce5
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -229,11 +229,11 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     "An `AFDLearner` training `models` together on `dls` with distillation `method`"
     if method not in distill_methods:
         raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(distill_methods)}")
-    spec = distill_methods[method]
-    model = build_peer_model(dls, models, spec, n_out, feature_layers, names, teacher)
-    topo = spec.topology_for(len(model.models), topology)
-    add_method_modules(model, spec, topo)
-    method_cbs = method_callbacks(spec, topo, T=T, kd_weight=kd_weight, align_weight=align_weight, adv_lr=adv_lr,
+    declared = distill_methods[method]
+    model = build_peer_model(dls, models, declared, n_out, feature_layers, names, teacher)
+    topo = declared.topology_for(len(model.models), topology)
+    add_method_modules(model, declared, topo)
+    method_cbs = method_callbacks(declared, topo, T=T, kd_weight=kd_weight, align_weight=align_weight, adv_lr=adv_lr,
                                   adv_wd=adv_wd, adv_milestones=adv_milestones)
     loss_func = PeerLoss(model.output_names, gated=model.gated)
     metrics = peer_metrics(model.names, gated=model.gated) if metrics is None else listify(metrics)

@@ -33,7 +33,7 @@ def ensemble_probs(preds, # the networks' outputs: logits, or probabilities with
     probs = preds if are_probs else [at_least_fp32(p).softmax(dim=-1) for p in preds]
     return torch.stack(list(probs)).mean(0)
 
-# %% ../nbs/02_losses.ipynb #ce21c783
+# %% ../nbs/02_losses.ipynb #9496dc36
 class PeerLoss:
     "Sum of the networks' cross-entropies, each kept as `ce_<name>`"
     def __init__(self, names:list, # one per output (network), for the `ce_<name>` attributes
@@ -53,7 +53,9 @@ class PeerLoss:
 
     @property
     def part_names(self): return [f'ce_{n}' for n in self.names]
-    def activation(self, preds): return tuple(F.softmax(p, dim=-1) for p in preds)
+    def activation(self, preds):
+        "Each network's probabilities (what `get_preds` returns)"
+        return tuple(F.softmax(p, dim=-1) for p in preds)
     def decodes(self, probs):
         "The ensemble's class (`probs` one tensor: its argmax)"
         if isinstance(probs, torch.Tensor): return probs.argmax(dim=-1)

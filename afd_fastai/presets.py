@@ -5,13 +5,15 @@
 # %% auto #0
 __all__ = ['cifar_schedule', 'imagenet_schedule', 'presets', 'Preset', 'list_presets', 'preset_report']
 
-# %% ../nbs/13_presets.ipynb #32431061
+# %% ../nbs/13_presets.ipynb #47a35574
 import pandas as pd
 from fastcore.basics import store_attr
+from .methods import regimes
 
-# %% ../nbs/13_presets.ipynb #7ea801ae
-cifar_schedule = dict(data='cifar100', epochs=300, bs=128, lr=0.1, schedule='multistep', milestones=(0.5, 0.75))
-imagenet_schedule = dict(data='imagenet', epochs=90, bs=256, lr=0.1, schedule='multistep', milestones=(1/3, 2/3))
+# %% ../nbs/13_presets.ipynb #1dbfd262
+def _schedule(data, regime): return dict(data=data, **{k: regime[k] for k in ('epochs', 'bs', 'lr', 'schedule', 'milestones')})
+cifar_schedule = _schedule('cifar100', regimes['cifar']) # the paper's, from `methods.regimes`
+imagenet_schedule = _schedule('imagenet', regimes['imagenet'])
 
 class Preset:
     "One run of the paper: networks (for offline methods: teacher first), method, schedule and the reported numbers"
@@ -28,14 +30,17 @@ class Preset:
         return {cols[k]: v for k, v in self.paper.items()}
     def __repr__(self): return f"Preset({self.name}: {' + '.join(self.models)}, {self.method}, table {self.table})"
 
-# %% ../nbs/13_presets.ipynb #17bfe3a9
+# %% ../nbs/13_presets.ipynb #8c01e2ab
 def _same(arch, k=2): return (arch,) * k
 
-def _rows():
-    P = []
+def _adder(P):
+    "A function adding a `Preset` to the list `P`, its name made from table, networks and method"
     def add(table, models, method, paper, tag=None, approx=(), **kw):
         tag = tag or '-'.join(models)
         P.append(Preset(f"t{table}-{tag}-{method}", table, models, method, paper, approx, **kw))
+    return add
+
+def _tables_1_2(add):
     # Table 1: direct feature alignment (L1), online and offline, against AFD
     for arch, van, l1, l1kd, off, afd, approx in [
             ('resnet32', 69.38, (66.82, 70.69), (70.16, 72.44), (69.79, 71.91, 72.0), (74.03, 75.64), ('ens',)),
@@ -62,6 +67,8 @@ def _rows():
     add(2, pair, 'afd_adv_only', dict(net1=72.05, net2=73.80, ens=76.82))
     add(2, pair, 'dml', dict(net1=74.99, net2=76.64, ens=77.2), approx=('ens',), note='"w/o Adv (KD only)"')
     add(2, pair, 'afd', dict(net1=75.88, net2=77.08, ens=77.82))
+
+def _tables_3_4(add):
     # Table 3: two networks of the same architecture
     for arch, van, dml, one, afd, approx in [
             ('resnet20', 67.48, (70.90, 72.08), (70.56, 72.26), (71.72, 72.9), ('afd',)),
@@ -85,6 +92,8 @@ def _rows():
             (('wrn16_2', 'wrn28_4'), (74.51, 78.18, 77.6), (74.95, 78.23, 77.6), (76.23, 78.26, 78.2), ('kd', 'dml', 'afd'))]:
         for method, (n1, n2, ens) in (('kd', kd), ('dml', dml), ('afd', afd)):
             add(4, pair, method, dict(net1=n1, net2=n2, ens=ens), approx=('ens',) if method in approx else ())
+
+def _tables_5_6(add):
     # Table 5: three networks (DML averaged over peers, ONE with three branches, AFD cyclic)
     for arch, van, dml, one, afd in [('resnet32', 69.38, (73.43, 76.11), (73.25, 74.94), (74.14, 76.64)),
                                      ('resnet56', 73.84, (76.11, 77.83), (76.49, 77.38), (77.37, 79.18)),
@@ -98,6 +107,10 @@ def _rows():
     add(6, im, 'vanilla', dict(net1=69.76, net2=73.31))
     add(6, im, 'dml', dict(net1=70.19, net2=73.57, ens=73.3), approx=('ens',))
     add(6, im, 'afd', dict(net1=70.43, net2=74.00, ens=74.53))
+
+def _rows():
+    P = []
+    for tables in (_tables_1_2, _tables_3_4, _tables_5_6): tables(_adder(P))
     return {p.name: p for p in P}
 
 presets = _rows()

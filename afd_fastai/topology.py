@@ -41,16 +41,16 @@ class Topology:
     def __repr__(self):
         return f"Topology.{self.name}: " + ', '.join(f"{k}←{list(ts)}" for k, ts in enumerate(self.teachers))
 
-# %% ../nbs/03_topology.ipynb #708bc860
+# %% ../nbs/03_topology.ipynb #d234e630
 topologies = {'mutual': Topology.mutual, 'cyclic': Topology.cyclic, 'independent': Topology.independent,
               'from_teacher': Topology.from_teacher}
 
-def as_topology(spec, n:int):
+def as_topology(given, n:int):
     "A `Topology` for `n` networks from a `Topology`, a name in `topologies`, or lists of teachers"
-    if spec is None: spec = 'mutual'
-    if isinstance(spec, str):
-        if spec not in topologies: raise ValueError(f"Unknown topology {spec!r}: choose one of {', '.join(topologies)}")
-        return topologies[spec](n)
-    topo = spec if isinstance(spec, Topology) else Topology(spec)
+    if given is None: given = 'mutual'
+    if isinstance(given, str):
+        if given not in topologies: raise ValueError(f"Unknown topology {given!r}: choose one of {', '.join(topologies)}")
+        return topologies[given](n)
+    topo = given if isinstance(given, Topology) else Topology(given)
     if len(topo) != n: raise ValueError(f"The topology is for {len(topo)} networks but there are {n}")
     return topo

@@ -27,7 +27,7 @@ def plain_afd(nets, advs, edges, batches, lr, adv_lr, kd=True, n_acc=1, clip=Non
     gen = net_params + [p for a in advs for p in a.transfer.parameters()]
     disc = [p for a in advs for p in a.discriminator.parameters()]
     sgd = torch.optim.SGD(net_params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    adam = torch.optim.Adam(gen + disc, lr=adv_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    adam = torch.optim.Adam(gen + disc, lr=adv_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1) if advs else None
     adv_grads = [None] * len(gen + disc)
     for i, (x, y) in enumerate(batches):
         feats = [n.body(x) for n in nets]
@@ -38,20 +38,22 @@ def plain_afd(nets, advs, edges, batches, lr, adv_lr, kd=True, n_acc=1, clip=Non
             for s in students:
                 ts = [t for t, s2 in edges if s2 == s]
                 loss = loss + sum(kl(logits[s], logits[t]) for t in ts) / len(ts)
-        g_terms, d_loss = {s: [] for s in students}, 0.
-        for (t, s), adv in zip(edges, advs):
-            fake = adv.discriminator(adv.transfer(feats[s]))
-            real = adv.discriminator(feats[t].detach())
-            g_terms[s].append(((1 - fake) ** 2).mean())
-            d_loss = d_loss + ((1 - real) ** 2).mean() + (fake ** 2).mean()
-        g_loss = sum(sum(v) / len(v) for v in g_terms.values())
-        grads = list(torch.autograd.grad(g_loss / n_acc, gen, retain_graph=True, allow_unused=True))
-        grads += list(torch.autograd.grad(d_loss / n_acc, disc, retain_graph=True, allow_unused=True))
-        adv_grads = [b if a is None else a if b is None else a + b for a, b in zip(adv_grads, grads)]
+        if advs: # no discriminators: DML's loop
+            g_terms, d_loss = {s: [] for s in students}, 0.
+            for (t, s), adv in zip(edges, advs):
+                fake = adv.discriminator(adv.transfer(feats[s]))
+                real = adv.discriminator(feats[t].detach())
+                g_terms[s].append(((1 - fake) ** 2).mean())
+                d_loss = d_loss + ((1 - real) ** 2).mean() + (fake ** 2).mean()
+            g_loss = sum(sum(v) / len(v) for v in g_terms.values())
+            grads = list(torch.autograd.grad(g_loss / n_acc, gen, retain_graph=True, allow_unused=True))
+            grads += list(torch.autograd.grad(d_loss / n_acc, disc, retain_graph=True, allow_unused=True))
+            adv_grads = [b if a is None else a if b is None else a + b for a, b in zip(adv_grads, grads)]
         (loss / n_acc).backward()
         if (i + 1) % n_acc: continue
         if clip: nn.utils.clip_grad_norm_(net_params, clip)
         sgd.step(); sgd.zero_grad()
+        if adam is None: continue
         adam.zero_grad(set_to_none=True)
         for p, g in zip(gen + disc, adv_grads): p.grad = g
         adam.step(); adam.zero_grad(set_to_none=True)
@@ -101,9 +103,7 @@ def test_three_afd_steps_equal_plain_pytorch(models, edges):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=0.05, cbs=[Double(), rec])
     assert len(rec.seen) == 3
     plain_afd(nets, advs, edges, rec.seen, lr=0.05, adv_lr=1e-3)
-    want = {**{f'models.{k}.{n}': v for k, net in enumerate(nets) for n, v in net.state_dict().items()},
-            **{f'adversaries.{e}.{n}': v for e, a in enumerate(advs) for n, v in a.state_dict().items()}}
-    assert_same(learn.model.state_dict(), want, before, rtol=1e-9, atol=1e-10)
+    assert_same(learn.model.state_dict(), model_state(nets, advs), before, rtol=1e-9, atol=1e-10)
 
 
 def bn_free_net(width, n_out=10):
@@ -114,6 +114,7 @@ def bn_free_net(width, n_out=10):
 
 def two_halves_and_whole(seed=0):
     "The same 32 digits as one batch, and as two micro-batches of 16"
+    set_seed(seed)
     dls = digits_dls(size=16, n_per_class=10, bs=32)
     x, y = [t.as_subclass(torch.Tensor) for t in dls.one_batch()]
     whole = DataLoaders(DataLoader(list(zip(x, y)), bs=32), DataLoader(list(zip(x, y)), bs=32))
@@ -122,27 +123,33 @@ def two_halves_and_whole(seed=0):
     return whole, halves, [(x[:16], y[:16]), (x[16:], y[16:])]
 
 
+def model_state(nets, advs):
+    "The state dict a PeerModel holding `nets` and `advs` (as `adversaries`) would have"
+    return {**{f'models.{k}.{n}': v for k, net in enumerate(nets) for n, v in net.state_dict().items()},
+            **{f'adversaries.{e}.{n}': v for e, a in enumerate(advs) for n, v in a.state_dict().items()}}
+
+
+def accumulated_and_plain(method, widths, clip=None):
+    """`GradientAccumulation(32)` over two micro-batches of 16 (and `GradientClip(clip)`), and the plain loop accumulating
+    the same way from the same weights: (the learner's state, the plain loop's, the initial one)"""
+    _, halves, micro = two_halves_and_whole()
+    set_seed(0)
+    nets = [bn_free_net(w) if isinstance(w, int) else w for w in widths] # a width, or a zoo name
+    learn = afd_learner(halves, nets, method=method, adv_lr=1e-3, adv_milestones=())
+    nets = deepcopy(list(learn.model.models))
+    advs = deepcopy(list(learn.model.adversaries)) if method == 'afd' else []
+    edges = {2: [(1, 0), (0, 1)], 3: [(2, 0), (0, 1), (1, 2)]}[len(widths)] # written out: k−1 teaches k
+    before = deepcopy(learn.model.state_dict())
+    cbs = [GradientAccumulation(n_acc=32)] + ([GradientClip(max_norm=clip)] if clip else [])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=0.05, cbs=cbs)
+    plain_afd(nets, advs, edges, micro, lr=0.05, adv_lr=1e-3, n_acc=2, clip=clip)
+    return learn.model.state_dict(), model_state(nets, advs), before
+
+
 @pytest.mark.parametrize('method,widths', [('dml', (8, 16)), ('afd', (8, 16)), ('afd', (8, 16, 8))])
 def test_gradient_accumulation_equals_plain_accumulation(method, widths):
     "GradientAccumulation(32) over two micro-batches of 16: the library and a plain loop accumulating the same way agree"
-    whole, halves, micro = two_halves_and_whole()
-    set_seed(0)
-    learn = afd_learner(halves, [bn_free_net(w) for w in widths], method=method, adv_lr=1e-3, adv_milestones=())
-    nets = deepcopy(list(learn.model.models))
-    advs = deepcopy(list(learn.model.adversaries)) if method == 'afd' else []
-    edges = {2: [(1, 0), (0, 1)], 3: [(2, 0), (0, 1), (1, 2)]}[len(widths)]
-    before = deepcopy(learn.model.state_dict())
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=0.05, cbs=GradientAccumulation(n_acc=32))
-    if method == 'afd': plain_afd(nets, advs, edges, micro, lr=0.05, adv_lr=1e-3, n_acc=2)
-    else: # DML: the same loop without discriminators; with no BatchNorm anywhere it equals one batch of 32
-        sgd = torch.optim.SGD([p for n in nets for p in n.parameters()], lr=0.05, momentum=0.9, weight_decay=1e-4)
-        x, y = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])
-        z = [n(x) for n in nets]
-        loss = sum(F.cross_entropy(zk, y) for zk in z) + kl(z[0], z[1]) + kl(z[1], z[0])
-        loss.backward(); sgd.step()
-    want = {**{f'models.{k}.{n}': v for k, net in enumerate(nets) for n, v in net.state_dict().items()},
-            **{f'adversaries.{e}.{n}': v for e, a in enumerate(advs) for n, v in a.state_dict().items()}}
-    assert_same(learn.model.state_dict(), want, before)
+    assert_same(*accumulated_and_plain(method, widths))
 
 
 def test_gradient_accumulation_of_afd_equals_one_batch_without_batchnorm():
@@ -162,22 +169,10 @@ def test_gradient_accumulation_of_afd_equals_one_batch_without_batchnorm():
 
 
 def test_gradient_clip_and_accumulation_together():
-    whole, halves, micro = two_halves_and_whole()
-    set_seed(0)
-    learn = afd_learner(halves, [bn_free_net(8), bn_free_net(16)], adv_lr=1e-3, adv_milestones=())
-    nets, advs = deepcopy(list(learn.model.models)), deepcopy(list(learn.model.adversaries))
-    before = deepcopy(learn.model.state_dict())
-    with learn.no_bar(), learn.no_logging():
-        learn.fit(1, lr=0.05, cbs=[GradientAccumulation(n_acc=32), GradientClip(max_norm=0.05)])
-    plain_afd(nets, advs, [(1, 0), (0, 1)], micro, lr=0.05, adv_lr=1e-3, n_acc=2, clip=0.05)
-    want = {**{f'models.{k}.{n}': v for k, net in enumerate(nets) for n, v in net.state_dict().items()},
-            **{f'adversaries.{e}.{n}': v for e, a in enumerate(advs) for n, v in a.state_dict().items()}}
-    assert_same(learn.model.state_dict(), want, before)
-    # the clip really bit: without it the networks end elsewhere
-    set_seed(0)
-    free = afd_learner(halves, [bn_free_net(8), bn_free_net(16)], adv_lr=1e-3, adv_milestones=())
-    with free.no_bar(), free.no_logging(): free.fit(1, lr=0.05, cbs=GradientAccumulation(n_acc=32))
-    assert not torch.allclose(free.model.models[0].head[-1].weight, learn.model.models[0].head[-1].weight, atol=1e-4)
+    got, want, before = accumulated_and_plain('afd', (8, 16), clip=0.05)
+    assert_same(got, want, before)
+    free, *_ = accumulated_and_plain('afd', (8, 16)) # the clip really bit: without it the networks end elsewhere
+    assert not torch.allclose(free['models.0.head.2.weight'], got['models.0.head.2.weight'], atol=1e-4)
 
 
 def test_the_papers_defaults():

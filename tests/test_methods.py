@@ -9,7 +9,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from afd_fastai.all import *
-from afd_fastai.cli import train_one
+from afd_fastai.experiment import train_one
 
 
 class OneStep(Callback):
