@@ -102,7 +102,7 @@ class PeerOptimizer(GetAttr):
             if self.second is None: self.second = self.make_second()
             self.second.load_state_dict(second)
 
-# %% ../nbs/05_adversarial.ipynb #52df9142
+# %% ../nbs/05_adversarial.ipynb #57efc88e
 class AdversarialLossError(RuntimeError):
     "The adversarial losses or their gradients stopped being finite"
 
@@ -139,7 +139,7 @@ class AdversarialFeatureCallback(Callback):
     def before_batch(self):
         if not self.active: return
         if self.new_fit: self._start()
-        self.adv_opt.set_hyper('lr', MultiStepSchedule(self.lr, self.milestones, self.gamma)(self.pct_train))
+        self.adv_opt.set_hyper('lr', self.schedule(self.pct_train))
 
     def after_loss(self):
         if not self.active: return
@@ -175,7 +175,7 @@ class AdversarialFeatureCallback(Callback):
 
     def __getstate__(self): return {**self.__dict__, 'grads': None, 'params': None, 'gen': None, 'disc': None, 'scaler': None}
 
-# %% ../nbs/05_adversarial.ipynb #e85aa5d3
+# %% ../nbs/05_adversarial.ipynb #605619c5
 @patch
 def _check_model(self:AdversarialFeatureCallback):
     "The model's adversary edges, which must be those of the callback's topology"
@@ -191,10 +191,16 @@ def _check_model(self:AdversarialFeatureCallback):
 
 @patch
 def _start(self:AdversarialFeatureCallback):
-    "At a fit's first training batch: the second optimiser (made once, kept in `learn.opt`), the scaler, the records"
+    "At a fit's first training batch: the second optimiser (made once, kept in `learn.opt`), scaler, schedule, records"
     if not isinstance(self.learn.opt, PeerOptimizer): self.learn.opt = PeerOptimizer(self.learn.opt, self.make_opt)
     if self.learn.opt.second is None: self.learn.opt.second = self.make_opt()
     self.scaler,self.skipped_steps,self.new_fit = self._make_scaler(),0,False
+    self.schedule = MultiStepSchedule(self.lr, self.milestones, self.gamma)
+    model = self.learn.model # who gets which gradient, for this fit (freeze/unfreeze happen between fits)
+    transfer = [p for a in model.adversaries for p in a.transfer.parameters()]
+    self.gen = [p for p in params(model.models) + transfer if p.requires_grad]
+    self.disc = [p for a in model.adversaries for p in a.discriminator.parameters() if p.requires_grad]
+    self.params = self.gen + self.disc
     self.learn.recorder.d_losses,self.learn.recorder.g_losses = L(),L()
 
 @patch
@@ -210,12 +216,6 @@ def _make_scaler(self:AdversarialFeatureCallback):
 @patch
 def _accumulate(self:AdversarialFeatureCallback, d_loss, g_loss, d, g):
     "Add this batch's adversarial gradients (divided as `GradientAccumulation` divides the loss) to `self.grads`"
-    model = self.learn.model
-    if self.grads is None:
-        transfer = [p for a in model.adversaries for p in a.transfer.parameters()]
-        self.gen = [p for p in params(model.models) + transfer if p.requires_grad]
-        self.disc = [p for a in model.adversaries for p in a.discriminator.parameters() if p.requires_grad]
-        self.params = self.gen + self.disc
     ga = getattr(self.learn, 'gradient_accumulation', None)
     divisor = ga.n_acc / find_bs(self.learn.yb) if ga is not None else 1.
     scale = self.scaler.scale if self.scaler is not None else (lambda v: v)
