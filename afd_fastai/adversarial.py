@@ -102,7 +102,7 @@ class PeerOptimizer(GetAttr):
             if self.second is None: self.second = self.make_second()
             self.second.load_state_dict(second)
 
-# %% ../nbs/05_adversarial.ipynb #57efc88e
+# %% ../nbs/05_adversarial.ipynb #cd9c6fdb
 class AdversarialLossError(RuntimeError):
     "The adversarial losses or their gradients stopped being finite"
 
@@ -155,10 +155,10 @@ class AdversarialFeatureCallback(Callback):
         opt = self.adv_opt
         for p, *_ in opt.all_params(): p.grad = None # the logit gradients are the first optimiser's
         for p, grad in zip(self.params, self.grads): p.grad = grad
-        if self.scaler is None: opt.step()
+        if self.adv_scaler is None: opt.step()
         else:
             probe = _StepProbe(opt) # as fastai's MixedPrecision does: the scaler steps it unless a gradient overflowed
-            self.scaler.step(probe); self.scaler.update()
+            self.adv_scaler.step(probe); self.adv_scaler.update()
             self.skipped_steps += not probe.stepped
         for p in self.params: p.grad = None
         self.grads = None
@@ -173,9 +173,9 @@ class AdversarialFeatureCallback(Callback):
         "`g_loss`, averaged over this epoch's training batches (None before any)"
         return self.sums[1] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
 
-    def __getstate__(self): return {**self.__dict__, 'grads': None, 'params': None, 'gen': None, 'disc': None, 'scaler': None}
+    def __getstate__(self): return {**self.__dict__, 'grads': None, 'params': None, 'gen': None, 'disc': None, 'adv_scaler': None}
 
-# %% ../nbs/05_adversarial.ipynb #605619c5
+# %% ../nbs/05_adversarial.ipynb #a9f57635
 @patch
 def _check_model(self:AdversarialFeatureCallback):
     "The model's adversary edges, which must be those of the callback's topology"
@@ -194,7 +194,7 @@ def _start(self:AdversarialFeatureCallback):
     "At a fit's first training batch: the second optimiser (made once, kept in `learn.opt`), scaler, schedule, records"
     if not isinstance(self.learn.opt, PeerOptimizer): self.learn.opt = PeerOptimizer(self.learn.opt, self.make_opt)
     if self.learn.opt.second is None: self.learn.opt.second = self.make_opt()
-    self.scaler,self.skipped_steps,self.new_fit = self._make_scaler(),0,False
+    self.adv_scaler,self.skipped_steps,self.new_fit = self._make_scaler(),0,False
     self.schedule = MultiStepSchedule(self.lr, self.milestones, self.gamma)
     model = self.learn.model # who gets which gradient, for this fit (freeze/unfreeze happen between fits)
     transfer = [p for a in model.adversaries for p in a.transfer.parameters()]
@@ -218,11 +218,11 @@ def _accumulate(self:AdversarialFeatureCallback, d_loss, g_loss, d, g):
     "Add this batch's adversarial gradients (divided as `GradientAccumulation` divides the loss) to `self.grads`"
     ga = getattr(self.learn, 'gradient_accumulation', None)
     divisor = ga.n_acc / find_bs(self.learn.yb) if ga is not None else 1.
-    scale = self.scaler.scale if self.scaler is not None else (lambda v: v)
+    scale = self.adv_scaler.scale if self.adv_scaler is not None else (lambda v: v)
     g_grads = torch.autograd.grad(scale(g_loss / divisor), self.gen, retain_graph=True, allow_unused=True)
     d_grads = torch.autograd.grad(scale(d_loss / divisor), self.disc, retain_graph=True, allow_unused=True)
     grads = list(g_grads + d_grads) # None for a parameter the loss does not reach (the heads): Adam leaves those alone
-    if self.scaler is None and not torch.stack([torch.isfinite(grad).all() for grad in grads if grad is not None]).all():
+    if self.adv_scaler is None and not torch.stack([torch.isfinite(grad).all() for grad in grads if grad is not None]).all():
         self._fail('gradients', d, g)
     if self.grads is None: self.grads = grads
     else: self.grads = [b if a is None else a if b is None else a + b for a, b in zip(self.grads, grads)]
