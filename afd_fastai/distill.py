@@ -14,18 +14,21 @@ from .losses import distill_loss
 from .topology import as_topology
 from .methods import paper
 
-# %% ../nbs/04_distill.ipynb #de276a66
+# %% ../nbs/04_distill.ipynb #18b6aa89
 class TermCallback(Callback):
     "Add `weight` × `term()` to the training loss (order 0, before `GradientAccumulation` and `MixedPrecision`)"
     order,run_valid,column,weight_setting = 0,False,'term','kd_weight' # weight_setting: afd_learner's setting for `weight`
-    total,count = 0.,0
+    total,count,warmup = 0.,0,0. # warmup: the fraction of training over which the weight ramps up from 0
     def __init__(self, weight:float=1.): self.weight = weight
     def term(self): raise NotImplementedError("A TermCallback gives term(): the loss term of this batch")
+    def ramp(self):
+        "The share of `weight` in force now: a linear ramp from 0 to 1 over the first `warmup` of training (1 without)"
+        return min(1., self.pct_train / self.warmup) if self.warmup else 1.
     def before_train(self): self.total,self.count = 0.,0
     def after_loss(self):
         if not self.weight: return
         value = self.term()
-        self.learn.loss_grad = self.learn.loss_grad + self.weight * value
+        self.learn.loss_grad = self.learn.loss_grad + self.weight * self.ramp() * value
         self.learn.loss = self.learn.loss_grad.clone()
         setattr(self.learn, self.column, value.detach())
         self.total,self.count = self.total + value.detach(),self.count + 1

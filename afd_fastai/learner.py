@@ -60,7 +60,7 @@ register_method('l1_kd_offline', DistillMethod("Offline L1 + KD: a frozen teache
                                                callbacks=FrozenTeacherCallback, topology='from_teacher', offline=True))
 register_method('vanilla', DistillMethod("Each network alone, on the same batches", topology=None));
 
-# %% ../nbs/08_learner.ipynb #b78cf4f3
+# %% ../nbs/08_learner.ipynb #861f0587
 def _build(cls, **settings):
     "`cls` made with the settings its constructor takes (`weight`: the setting `cls.weight_setting` names)"
     if hasattr(cls, 'weight_setting'): settings['weight'] = settings[cls.weight_setting]
@@ -69,11 +69,13 @@ def _build(cls, **settings):
 
 def method_callbacks(method:DistillMethod, topology, T:float=paper.T, kd_weight:float=paper.kd_weight,
                      align_weight:float=1., adv_lr:float=paper.adv_lr, adv_wd:float=paper.adv_wd,
-                     adv_milestones=paper.adv_milestones):
+                     adv_milestones=paper.adv_milestones, distill_warmup:float=0.):
     "The callbacks that train `method` on `topology` with these settings"
     settings = dict(T=T, kd_weight=kd_weight, align_weight=align_weight, topology=topology)
     cbs = [_build(cls, **settings) for cls in method.callbacks]
-    cbs += [_build(cls, **settings) for cls in method.terms if settings[cls.weight_setting]]
+    terms = [_build(cls, **settings) for cls in method.terms if settings[cls.weight_setting]]
+    for term in terms: term.warmup = distill_warmup
+    cbs += terms
     if method.adversarial: cbs.append(AdversarialFeatureCallback(topology, lr=adv_lr, wd=adv_wd, milestones=adv_milestones))
     return cbs
 
@@ -207,7 +209,7 @@ def add_method_modules(model:PeerModel, method:DistillMethod, topology):
     makers = {**method.edge_modules, **({'adversaries': FeatureAdversary} if method.adversarial else {})}
     for name, make in makers.items(): model.add_edge_modules(name, edges, make)
 
-# %% ../nbs/08_learner.ipynb #c5137ce5
+# %% ../nbs/08_learner.ipynb #b1670a51
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -222,6 +224,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 adv_wd:float=paper.adv_wd, # AFD: its weight decay (paper: 1e-1)
                 adv_milestones=paper.adv_milestones, # AFD: fractions of training where its lr is multiplied by 0.1
                 align_weight:float=1., # l1, l1_kd, l1_kd_offline: weight of the L1 feature-map term
+                distill_warmup:float=0., # fraction of training over which every loss term's weight ramps up from 0
                 teacher=None, # kd_offline, l1_kd_offline: the trained teacher (an `nn.Module` or a file holding one)
                 loss_parts:bool=False, # also show each network's validation cross-entropy as a column
                 opt_func=paper_sgd, lr:float=paper.lr, wd:float=paper.wd, wd_bn_bias:bool=True, metrics=None, cbs=None,
@@ -234,7 +237,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     topo = declared.topology_for(len(model.models), topology)
     add_method_modules(model, declared, topo)
     method_cbs = method_callbacks(declared, topo, T=T, kd_weight=kd_weight, align_weight=align_weight, adv_lr=adv_lr,
-                                  adv_wd=adv_wd, adv_milestones=adv_milestones)
+                                  adv_wd=adv_wd, adv_milestones=adv_milestones, distill_warmup=distill_warmup)
     loss_func = PeerLoss(model.output_names, gated=model.gated)
     metrics = peer_metrics(model.names, gated=model.gated) if metrics is None else listify(metrics)
     if loss_parts: metrics = list(metrics) + list(LossMetrics(loss_func.part_names))

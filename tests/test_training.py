@@ -103,3 +103,19 @@ def test_cifar_folder_trains(tmp_path):
     learn = afd_learner(dls, ['resnet20', 'resnet20'], method='dml')
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.01)
     assert learn.dls.vocab[0] == 'class0'
+
+def test_distill_warmup_ramps_the_term_in(small_digits):
+    "distill_warmup=0.5: the term counts 0 at the first batch and fully after half the fit"
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml', distill_warmup=0.5)
+    class Grab(Callback):
+        order = 50
+        def before_fit(self): self.rows = []
+        def after_loss(self):
+            if self.training:
+                ce = sum(getattr(self.loss_func, n).item() for n in self.loss_func.part_names)
+                self.rows.append((self.pct_train, self.learn.loss.item(), ce, self.learn.distill_loss.item()))
+    grab = Grab()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.01, cbs=grab)
+    for pct, loss, ce, kd in grab.rows:
+        assert loss == pytest.approx(ce + min(1., pct / 0.5) * kd, rel=1e-5)
+    assert grab.rows[0][1] == pytest.approx(grab.rows[0][2], rel=1e-6) and grab.rows[0][3] > 0 # first batch: CE alone
