@@ -84,7 +84,7 @@ def head_modules(records, feature_layer:str):
     return list(dict.fromkeys(name for name, m, _ in records[end + 1:]
                               if not any(m.children()) and not name.startswith(inside)))
 
-# %% ../nbs/01_core.ipynb #a643f9c3
+# %% ../nbs/01_core.ipynb #d7233149
 class PeerModel(nn.Module):
     "K networks trained together: forward returns a tuple of K logit tensors and keeps their `feature_maps`."
     gated = False # True where the last output is an ensemble the model computes itself (ONE)
@@ -126,14 +126,13 @@ class PeerModel(nn.Module):
         self._in_setup = True
         try: out, records = probe_forward(self, x)
         finally: self._in_setup = False
-        maps = []
+        maps, self.heads = [], [None] * len(self.models)
         for k in range(len(self.models)):
             prefix = f'models.{k}.'
             own = [(name[len(prefix):], m, o) for name, m, o in records if name.startswith(prefix)]
             if self.feature_layers[k] is None: self.feature_layers[k] = find_feature_layer(self.models[k], records=own)
             found = [o for name, _, o in own if name == self.feature_layers[k]]
             maps.append(found[-1] if found else self.feature_maps[k])
-            if self.heads is None: self.heads = [None] * len(self.models)
             self.heads[k] = head_modules(own, self.feature_layers[k])
         self.feature_maps = None
         self.feature_shapes = [tuple(f.shape[1:]) for f in maps]
