@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['Discriminator', 'TransferLayer', 'shared_size', 'FeaturePair', 'FeatureAdversary', 'add_adversaries', 'PeerOptimizer',
-           'AdversarialLossError', 'AdversarialFeatureCallback']
+           'AdversarialLossError', 'AdversarialDivergenceWarning', 'AdversarialFeatureCallback', 'AdversarialBackoff']
 
-# %% ../nbs/05_adversarial.ipynb #f2cf9043
+# %% ../nbs/05_adversarial.ipynb #b8011407
 import math
 import torch
 from torch import nn
@@ -21,17 +21,21 @@ from .losses import adversarial_losses, at_least_fp32
 from .topology import as_topology
 from .methods import paper, adv_adam
 from .schedule import MultiStepSchedule
+from .distill import TermCallback
+import warnings
 
-# %% ../nbs/05_adversarial.ipynb #e482fa1a
+# %% ../nbs/05_adversarial.ipynb #cec06cb6
 class Discriminator(nn.Sequential):
-    "Conv–BN–LeakyReLU–Conv–Sigmoid: a `B×C×H×W` feature map → `B` scores in (0, 1), for any H, W ≥ 1"
+    "Conv–BN–LeakyReLU–Conv–Sigmoid: a `B×C×H×W` feature map → `B` scores in (0, 1)"
     def __init__(self, c_in:int, # channels of the feature maps it judges
                  hidden:int=None, # channels after the first convolution (default: `c_in // 2`, at least 8)
-                 leak:float=0.2): # negative slope of the LeakyReLU
+                 leak:float=0.2, # negative slope of the LeakyReLU
+                 map_size=None): # H, W of the maps: the last conv covers the whole map (None: 3×3, averaged over positions)
         hidden = hidden or max(c_in // 2, 8)
+        if map_size is None: last = [nn.Conv2d(hidden, 1, 3, padding=1), nn.AdaptiveAvgPool2d(1)]
+        else: last = [nn.Conv2d(hidden, 1, tuple((s + 1) // 2 for s in map_size))] # the first conv's output size
         super().__init__(nn.Conv2d(c_in, hidden, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(hidden),
-                         nn.LeakyReLU(leak), nn.Conv2d(hidden, 1, 3, padding=1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(0), nn.Sigmoid())
+                         nn.LeakyReLU(leak), *last, nn.Flatten(0), nn.Sigmoid())
 
 # %% ../nbs/05_adversarial.ipynb #5a7d8421
 class TransferLayer(nn.Sequential):
@@ -39,7 +43,7 @@ class TransferLayer(nn.Sequential):
     def __init__(self, c_in:int, c_out:int, ks:int=1):
         super().__init__(nn.Conv2d(c_in, c_out, ks, padding=ks // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
-# %% ../nbs/05_adversarial.ipynb #a2aa0d08
+# %% ../nbs/05_adversarial.ipynb #ee6af234
 def shared_size(student_hw, teacher_hw, student:str='student', teacher:str='teacher'):
     "The spatial size both maps are pooled to: the smaller, where each side of the larger is a whole multiple of it"
     size = []
@@ -67,9 +71,14 @@ class FeaturePair(nn.Module):
 
 class FeatureAdversary(FeaturePair):
     "The discriminator (and, where channels differ, the student's transfer layer) of one student ← teacher edge"
-    def __init__(self, student_shape, teacher_shape, names=('student', 'teacher'), hidden:int=None, leak:float=0.2):
+    def __init__(self, student_shape, teacher_shape, names=('student', 'teacher'), hidden:int=None, leak:float=0.2,
+                 head:str='pool', # the discriminator's last conv: 'pool' (3×3, averaged) or 'full' (as large as the map)
+                 joint:bool=False): # judge real and fake maps in one BatchNorm batch
         super().__init__(student_shape, teacher_shape, names)
-        self.discriminator = Discriminator(teacher_shape[0], hidden, leak) # it judges maps in the teacher's channels
+        if head not in ('pool', 'full'): raise ValueError(f"disc_head must be 'pool' or 'full', not {head!r}")
+        self.joint = joint
+        self.discriminator = Discriminator(teacher_shape[0], hidden, leak, # it judges maps in the teacher's channels
+                                           map_size=self.size if head == 'full' else None)
     def real(self, f):
         "The teacher's map `f`, pooled to the shared size"
         return self._pool(at_least_fp32(f))
@@ -77,11 +86,12 @@ class FeatureAdversary(FeaturePair):
         "The student's map `f`, pooled to the shared size and through the transfer layer"
         return self.transfer(self._pool(at_least_fp32(f)))
 
-# %% ../nbs/05_adversarial.ipynb #395b1974
-def add_adversaries(model:PeerModel, topology='mutual', hidden:int=None, leak:float=0.2):
+# %% ../nbs/05_adversarial.ipynb #f2698d4b
+def add_adversaries(model:PeerModel, topology='mutual', hidden:int=None, leak:float=0.2, head:str='pool', joint:bool=False):
     "Give `model` (after `model.setup(x)`) a `FeatureAdversary` per teacher → student edge of `topology`"
     edges = as_topology(topology, len(model.models)).edges
-    return model.add_edge_modules('adversaries', edges, lambda s, t, names: FeatureAdversary(s, t, names, hidden, leak))
+    make = lambda s, t, names: FeatureAdversary(s, t, names, hidden, leak, head, joint)
+    return model.add_edge_modules('adversaries', edges, make)
 
 # %% ../nbs/05_adversarial.ipynb #aeea067b
 class PeerOptimizer(GetAttr):
@@ -102,9 +112,12 @@ class PeerOptimizer(GetAttr):
             if self.second is None: self.second = self.make_second()
             self.second.load_state_dict(second)
 
-# %% ../nbs/05_adversarial.ipynb #cd9c6fdb
+# %% ../nbs/05_adversarial.ipynb #2a066662
 class AdversarialLossError(RuntimeError):
     "The adversarial losses or their gradients stopped being finite"
+
+class AdversarialDivergenceWarning(UserWarning):
+    "The discriminators are winning outright: `d_loss` near 0, `g_loss` near 1"
 
 class _StepProbe:
     "Stands in for an optimiser in `GradScaler.step` and records whether the scaler let it step"
@@ -115,20 +128,25 @@ class _StepProbe:
 
 class AdversarialFeatureCallback(Callback):
     "AFD's feature level: each edge's discriminator against its student's feature extractor, with a second optimiser"
-    order,run_valid = 0,False
+    order,run_valid,warmup = 0,False,0.
+    ramp = TermCallback.ramp # the share of `gen_weight` in force: a linear ramp over the first `warmup` of training
     def __init__(self, topology='mutual', # who learns from whom: 'mutual', 'cyclic' or a `Topology`
                  lr:float=paper.adv_lr, # the second optimiser's learning rate (paper: 2e-5)
                  wd:float=paper.adv_wd, # its weight decay (paper: 1e-1, coupled)
                  milestones=paper.adv_milestones, # fractions of training where its lr is multiplied by `gamma`
                  gamma:float=paper.adv_gamma,
                  opt_func=adv_adam, # a fastai optimiser function for the second optimiser
-                 loss_scale:float=None): # fp16 scale of the adversarial losses: None = a GradScaler under fp16 on a GPU, 0 = off
+                 loss_scale:float=None, # fp16 scale of the adversarial losses: None = a GradScaler under fp16 on a GPU, 0 = off
+                 gen_weight:float=None, # λ: add λ·g_loss to the Learner's loss (None: the second optimiser steps the extractors)
+                 lr_steps:int=None, # scale `lr` by `lr_steps` / the fit's number of batches (None: `lr` as given)
+                 patience:int=50): # batches the discriminators may win outright before a warning
         store_attr()
 
     def make_opt(self):
-        "The second optimiser: over the networks (their feature extractors get gradients), transfer layers and discriminators"
+        "The second optimiser: over the discriminators and transfer layers, and the networks unless `gen_weight` is set"
         model = self.learn.model
-        return self.opt_func([params(model.models), params(model.adversaries)], lr=self.lr, wd=self.wd)
+        groups = [params(model.adversaries)] if self.gen_weight is not None else [params(model.models), params(model.adversaries)]
+        return self.opt_func(groups, lr=self.lr, wd=self.wd)
     @property
     def adv_opt(self): return getattr(self.learn.opt, 'second', None)
 
@@ -139,7 +157,7 @@ class AdversarialFeatureCallback(Callback):
     def before_batch(self):
         if not self.active: return
         if self.new_fit: self._start()
-        self.adv_opt.set_hyper('lr', self.schedule(self.pct_train))
+        self.adv_opt.set_hyper('lr', self.schedule(self.pct_train) * self.lr_scale)
 
     def after_loss(self):
         if not self.active: return
@@ -148,6 +166,9 @@ class AdversarialFeatureCallback(Callback):
         d, g = torch.stack([d_loss.detach(), g_loss.detach()]).float().tolist()
         if not (math.isfinite(d) and math.isfinite(g)): self._fail('losses', d, g)
         self._accumulate(d_loss, g_loss, d, g)
+        if self.gen_weight: # the extractors' share goes through the Learner's loss, GradientAccumulation and MixedPrecision
+            self.learn.loss_grad = self.learn.loss_grad + self.gen_weight * self.ramp() * g_loss
+            self.learn.loss = self.learn.loss_grad.clone()
         self._record(d, g)
 
     def after_step(self):
@@ -173,9 +194,14 @@ class AdversarialFeatureCallback(Callback):
         "`g_loss`, averaged over this epoch's training batches (None before any)"
         return self.sums[1] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
 
+    @property
+    def diverging(self):
+        "Whether the discriminators have won outright for `patience` batches in a row"
+        return getattr(self, 'losing', 0) >= self.patience
+
     def __getstate__(self): return {**self.__dict__, 'grads': None, 'params': None, 'gen': None, 'disc': None, 'adv_scaler': None}
 
-# %% ../nbs/05_adversarial.ipynb #a9f57635
+# %% ../nbs/05_adversarial.ipynb #a1666d98
 @patch
 def _check_model(self:AdversarialFeatureCallback):
     "The model's adversary edges, which must be those of the callback's topology"
@@ -195,10 +221,12 @@ def _start(self:AdversarialFeatureCallback):
     if not isinstance(self.learn.opt, PeerOptimizer): self.learn.opt = PeerOptimizer(self.learn.opt, self.make_opt)
     if self.learn.opt.second is None: self.learn.opt.second = self.make_opt()
     self.adv_scaler,self.skipped_steps,self.new_fit = self._make_scaler(),0,False
-    self.schedule = MultiStepSchedule(self.lr, self.milestones, self.gamma)
+    lr = self.lr * self.lr_steps / (self.n_epoch * len(self.dls.train)) if self.lr_steps else self.lr
+    self.schedule,self.lr_scale,self.losing,self.warned = MultiStepSchedule(lr, self.milestones, self.gamma),1.,0,False
     model = self.learn.model # who gets which gradient, for this fit (freeze/unfreeze happen between fits)
     transfer = [p for a in model.adversaries for p in a.transfer.parameters()]
-    self.gen = [p for p in params(model.models) + transfer if p.requires_grad]
+    extractors = params(model.models) if self.gen_weight is None else [] # with gen_weight: through the Learner's loss
+    self.gen = [p for p in extractors + transfer if p.requires_grad]
     self.disc = [p for a in model.adversaries for p in a.discriminator.parameters() if p.requires_grad]
     self.params = self.gen + self.disc
     self.learn.recorder.d_losses,self.learn.recorder.g_losses = L(),L()
@@ -219,7 +247,8 @@ def _accumulate(self:AdversarialFeatureCallback, d_loss, g_loss, d, g):
     ga = getattr(self.learn, 'gradient_accumulation', None)
     divisor = ga.n_acc / find_bs(self.learn.yb) if ga is not None else 1.
     scale = self.adv_scaler.scale if self.adv_scaler is not None else (lambda v: v)
-    g_grads = torch.autograd.grad(scale(g_loss / divisor), self.gen, retain_graph=True, allow_unused=True)
+    g_grads = (torch.autograd.grad(scale(g_loss / divisor), self.gen, retain_graph=True, allow_unused=True)
+               if self.gen else ())
     d_grads = torch.autograd.grad(scale(d_loss / divisor), self.disc, retain_graph=True, allow_unused=True)
     grads = list(g_grads + d_grads) # None for a parameter the loss does not reach (the heads): Adam leaves those alone
     if self.adv_scaler is None and not torch.stack([torch.isfinite(grad).all() for grad in grads if grad is not None]).all():
@@ -231,6 +260,21 @@ def _accumulate(self:AdversarialFeatureCallback, d_loss, g_loss, d, g):
 def _record(self:AdversarialFeatureCallback, d, g):
     self.sums = [self.sums[0] + d, self.sums[1] + g, self.sums[2] + 1]
     self.learn.recorder.d_losses.append(d); self.learn.recorder.g_losses.append(g)
+    self._watch(d, g)
+
+@patch
+def _watch(self:AdversarialFeatureCallback, d, g):
+    "Count the batches in a row the discriminators win outright; warn once per fit when they reach `patience`"
+    n_students = len({s for _, s in self.edges})
+    self.losing = self.losing + 1 if d / len(self.edges) < 0.1 and g / n_students > 0.6 else 0
+    if self.diverging and not self.warned:
+        self.warned = True
+        warnings.warn(
+            f"The discriminators have won outright for {self.losing} batches (epoch {self.epoch}, batch {self.iter}: "
+            f"d_loss {d / len(self.edges):.3f} per edge, g_loss {g / n_students:.3f} per network): the feature "
+            f"extractors get no useful adversarial signal. Lower adv_lr (now {self.schedule(self.pct_train) * self.lr_scale:.3g}), "
+            "raise adv_weight, or add AdversarialBackoff() to the callbacks to back the adversarial lr off automatically.",
+            AdversarialDivergenceWarning)
 
 @patch
 def _fail(self:AdversarialFeatureCallback, what, d, g):
@@ -238,6 +282,27 @@ def _fail(self:AdversarialFeatureCallback, what, d, g):
         f"The adversarial {what} stopped being finite at epoch {self.epoch}, batch {self.iter} (d_loss {d:.4g}, "
         f"g_loss {g:.4g}); training stopped before this batch updated anything. Lower the second "
         f"optimiser's lr (now {self.lr:g}), check the inputs for NaN/Inf, or train in fp32.")
+
+# %% ../nbs/05_adversarial.ipynb #e2a4ce72
+class AdversarialBackoff(Callback):
+    "Multiply the adversarial lr by `factor` each time the discriminators have won outright for `patience` batches"
+    order,run_valid = 1,False
+    def __init__(self, factor:float=0.5, # multiplies the second optimiser's lr at each back-off
+                 patience:int=None, # batches of outright winning before a back-off (None: the callback's `patience`)
+                 min_scale:float=1e-3): # never below this share of the scheduled lr
+        store_attr()
+    def before_fit(self):
+        self.adversaries = [cb for cb in self.learn.cbs if isinstance(cb, AdversarialFeatureCallback)]
+        if not self.adversaries:
+            raise ValueError("AdversarialBackoff watches AFD's discriminators: use it with an adversarial method (afd, afd_adv_only)")
+        if self.patience is not None:
+            for cb in self.adversaries: cb.patience = self.patience
+        self.learn.recorder.adv_backoffs = L()
+    def after_batch(self):
+        for cb in self.adversaries:
+            if getattr(cb, 'active', False) and cb.diverging and cb.lr_scale > self.min_scale:
+                cb.lr_scale,cb.losing = max(cb.lr_scale * self.factor, self.min_scale),0
+                self.learn.recorder.adv_backoffs.append((self.epoch, self.iter, cb.schedule(self.pct_train) * cb.lr_scale))
 
 # %% ../nbs/05_adversarial.ipynb #59e9b914
 @patch

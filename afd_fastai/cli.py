@@ -54,7 +54,7 @@ def _ints(s, what):
     try: return [int(v) for v in str(s).split(',') if v.strip()]
     except ValueError: raise ValueError(f"{what} must be comma-separated integers, got {s!r}") from None
 
-# %% ../nbs/10_cli.ipynb #566f3a36
+# %% ../nbs/10_cli.ipynb #0746f9f4
 @call_parse
 def afd_train(models:str=None, # comma-separated networks trained together (zoo or torchvision names; offline methods: teacher first). Default resnet20,wrn16_2
               method:str=None, # a method (afd, afd_adv_only, dml, dml_alternating, kd, one, l1, l1_kd, kd_offline, l1_kd_offline, vanilla), several comma-separated, or compare (vanilla,dml,afd; the default)
@@ -69,7 +69,8 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
               size:int=None, # digits: image size (default 16); ImageNet: crop size (default 224)
               n_per_class:int=None, # digits: training images per class (default 20; 0 for all)
               label_noise:float=None, # digits: fraction of wrong training labels (default 0.4)
-              adv_lr:float=None, # AFD: the second (adversarial) optimiser's learning rate (default 2e-5, the paper's)
+              adv_lr:float=None, # AFD: the second (adversarial) optimiser's learning rate (default 2e-4; the paper's 2e-5)
+              paper:bool=False, # the paper's method settings (no warm-up, AFD's second Adam on the extractors); presets imply it
               teacher:str=None, # offline methods: file of a trained teacher (torch.save(model) or learn.export()); default: train one first
               preset:str=None, # run a row of the paper's tables (see --list-presets): networks, method, data and schedule
               list_presets:bool=False): # list the presets with the paper's numbers and exit
@@ -86,7 +87,7 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         data_kwargs = (dict(size=size, n_per_class=n_per_class, label_noise=label_noise) if data == 'digits'
                        else dict(size=size) if data == 'imagenet' else {})
         run_experiment(model_names, methods, data, data_path, seeds=seeds, out=out, **schedule_given,
-                       adv_lr=adv_lr, teacher=teacher, preset=p, **data_kwargs)
+                       adv_lr=adv_lr, teacher=teacher, preset=p, paper=paper or p is not None, **data_kwargs)
     except (ValueError, FileNotFoundError) as e:
         print(f"afd_train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['demo_methods', 'data_sets', 'regime_of', 'resolve_settings', 'make_dls', 'train_teacher', 'train_one', 'summarise',
-           'markdown_table', 'describe_regime', 'run_experiment']
+           'markdown_table', 'paired', 'describe_regime', 'describe_settings', 'run_experiment']
 
-# %% ../nbs/10a_experiment.ipynb #25ac92c2
+# %% ../nbs/10a_experiment.ipynb #5cfbf93b
 import time, contextlib
 from pathlib import Path
 import pandas as pd
@@ -16,7 +16,8 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from .data import digits_dls, cifar_dls, imagenet_dls
-from .methods import paper, paper_sgd, regimes, distill_methods
+from .methods import paper_sgd, regimes, distill_methods, settings_for
+from .methods import paper as paper_values
 from .schedule import fit_multistep
 from .learner import afd_learner, CheckpointCallback, resolve_model
 from .presets import preset_report
@@ -50,7 +51,7 @@ def make_dls(data:str='digits', data_path=None, bs:int=None, seed:int=0, size:in
         return imagenet_dls(data_path, bs=resolve_settings(data, bs=bs)['bs'], size=size or 224)
     raise ValueError(f"Unknown data set {data!r}: choose {', '.join(data_sets)}")
 
-# %% ../nbs/10a_experiment.ipynb #7b25485a
+# %% ../nbs/10a_experiment.ipynb #9407ee69
 def _result_row(learn, method, seed, seconds, paper=None):
     "One run's results: each metric at the last epoch, each accuracy at its best epoch (`best_...`), the paper's (`paper_...`)"
     names = [m.name for m in learn.metrics]
@@ -85,13 +86,13 @@ def train_teacher(arch, dls, epochs, lr, schedule, milestones=(0.5, 0.75), seed=
     return model
 
 def train_one(models, method, data='digits', data_path=None, epochs=None, bs=None, lr=None, seed=0,
-              schedule=None, progress=True, out=None, adv_lr=None, teacher=None, preset=None, cbs=(), **data_kwargs):
+              schedule=None, progress=True, out=None, adv_lr=None, teacher=None, preset=None, cbs=(), paper=False, **data_kwargs):
     "Train `models` together with `method` from seed `seed` (checkpoints in `out/models`); returns (learner, results row)"
     s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule)
     epochs, lr, schedule, milestones = s['epochs'], s['lr'], s['schedule'], s['milestones']
     models = list(models)
     make = lambda: make_dls(data, data_path, bs=bs, seed=seed, **data_kwargs)
-    kwargs = {} if adv_lr is None else {'adv_lr': adv_lr}
+    kwargs = dict(paper=paper, adv_lr=adv_lr)
     if distill_methods[method].offline:
         if teacher is None:
             set_seed(seed, reproducible=True)
@@ -106,8 +107,8 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
         cbs.append(CheckpointCallback(f'{method}_seed{seed}'))
     start = time.time()
     with _quiet(learn, progress): _fit(learn, epochs, lr, schedule, milestones, cbs)
-    paper = preset.paper_columns(learn.names) if preset is not None else None
-    return learn, _result_row(learn, method, seed, time.time() - start, paper)
+    paper_cols = preset.paper_columns(learn.names) if preset is not None else None
+    return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
 
 # %% ../nbs/10a_experiment.ipynb #28aba900
 def summarise(runs:pd.DataFrame):
@@ -127,6 +128,23 @@ def markdown_table(df:pd.DataFrame):
     lines += ['| ' + ' | '.join(map(str, row)) + ' |' for row in df.itertuples(index=False)]
     return '\n'.join(lines)
 
+# %% ../nbs/10a_experiment.ipynb #ffc4abbf
+def paired(runs:pd.DataFrame, col:str='acc_avg', # runs with columns regime, nets, epochs, method, tag, seed and `col`
+           base=('vanilla', 'default')): # the (method, tag) every other row is compared with, seed by seed
+    "Per regime, networks and length: each (method, tag)'s mean ± std of `col` and its paired difference to `base`"
+    rows = []
+    for (regime, nets, epochs), g in runs.groupby(['regime', 'nets', 'epochs'], sort=False):
+        ref = g[(g.method == base[0]) & (g.tag == base[1])].set_index('seed')[col]
+        for (method, tag), r in g.groupby(['method', 'tag'], sort=False):
+            r = r.set_index('seed')[col]
+            d = (r - ref).dropna() * 100
+            is_base = (method, tag) == tuple(base)
+            rows.append(dict(regime=regime, nets=nets, epochs=epochs, method=method, tag=tag, seeds=len(r),
+                             acc=f"{100 * r.mean():.1f} ± {100 * r.std(ddof=0):.1f}",
+                             diff='' if is_base or not len(d) else f"{d.mean():+.1f} ± {d.std(ddof=0):.1f}",
+                             worse='' if is_base or not len(d) else int((d < 0).sum())))
+    return pd.DataFrame(rows)
+
 # %% ../nbs/10a_experiment.ipynb #382d379c
 def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **data_kwargs):
     "One line saying what was trained, on what, for how long"
@@ -141,14 +159,26 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **da
     return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}, "
             f"lr {lr}, batch {bs}; seeds {', '.join(map(str, seeds))}")
 
-# %% ../nbs/10a_experiment.ipynb #54f4c859
+# %% ../nbs/10a_experiment.ipynb #03c145a1
+def describe_settings(paper:bool=False, adv_lr:float=None, adversarial:bool=True):
+    "The distillation settings of a run, in words"
+    s = settings_for(paper, adv_lr=adv_lr)
+    text = f"{'the paper' if paper else 'library default'} settings: T = {s.T:g}, distillation warm-up {s.distill_warmup:.0%} of training"
+    if not adversarial: return text
+    adam = f"Adam{'W' if s.adv_decouple_wd else ''} lr {s.adv_lr:g}, betas {s.adv_betas}"
+    if s.adv_milestones: adam += f" (× {paper_values.adv_gamma} at {', '.join(f'{m:.0%}' for m in s.adv_milestones)})"
+    if s.adv_weight is None: return text + f"; AFD's second optimiser {adam} on the feature extractors and discriminators"
+    return text + f"; AFD's generator loss × {s.adv_weight:g} in the networks' loss, the discriminators' {adam}"
+
+# %% ../nbs/10a_experiment.ipynb #290c277b
 def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (zoo names; offline methods: teacher first)
                    methods=demo_methods, # methods compared, each on the same seeds
                    data:str='digits', data_path=None, epochs:int=None, bs:int=None, lr:float=None, seeds=(0,),
                    schedule:str=None, out='afd_results', # folder for results.csv, results.md and models/ (None: write nothing)
-                   progress:bool=True, adv_lr:float=None, # AFD's second optimiser lr (default: the paper's 2e-5)
+                   progress:bool=True, adv_lr:float=None, # AFD's second optimiser lr (default: 2e-4; the paper's 2e-5)
                    teacher=None, # offline methods: a trained teacher (module or file); None: train one first
                    preset=None, # a `Preset`: its paper numbers go beside the results
+                   paper:bool=False, # the paper's method settings (`afd_learner(paper=True)`) instead of the library's
                    **data_kwargs):
     "Train `models` with every method and seed; print and write the per-run and the summary tables"
     runs, names = [], None
@@ -156,15 +186,14 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
         for seed in seeds:
             if progress: print(f"\n== {method}, seed {seed}", flush=True)
             learn, row = train_one(models, method, data, data_path, epochs, bs, lr, seed, schedule, progress, out, adv_lr,
-                                   teacher, preset, **data_kwargs)
+                                   teacher, preset, paper=paper, **data_kwargs)
             runs.append(row)
             names = learn.names
     runs = pd.DataFrame(runs)
     runs = runs[[c for c in runs.columns if c != 'seconds'] + ['seconds']]
     summary = summarise(runs)
     regime = describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **data_kwargs)
-    if any(m.startswith('afd') for m in methods):
-        regime += f"; AFD's second optimiser Adam lr {adv_lr or paper.adv_lr:g} (× {paper.adv_gamma} at {', '.join(f'{m:.0%}' for m in paper.adv_milestones)})"
+    regime += '; ' + describe_settings(paper, adv_lr, adversarial=any(distill_methods[m].adversarial for m in methods))
     report = f"Regime: {regime}\n\nAccuracy (%) at the last epoch, mean ± std over seeds:\n\n{markdown_table(summary)}\n"
     if preset is not None:
         report = (f"Preset {preset.name} (the paper's Table {preset.table}{'; ' + preset.note if preset.note else ''})\n\n"

@@ -96,7 +96,7 @@ def gated_kd_loss(preds, T:float=3.):
     *branches, ensemble = preds
     return sum(soft_kl(z, ensemble, T) for z in branches)
 
-# %% ../nbs/02_losses.ipynb #b183b8fd
+# %% ../nbs/02_losses.ipynb #d3bcef5c
 def alignment_loss(maps, aligners, edges, dist=F.l1_loss):
     "Sum over students of the mean over their teachers of `dist` between the maps as each edge's aligner aligns them"
     return mean_over_teachers(edges, lambda i, t, s: dist(*aligners[i](maps[s], maps[t])))
@@ -107,7 +107,11 @@ def adversarial_losses(maps, # the networks' feature maps from one forward
     "(`d_loss`, `g_loss`): the LSGAN losses of every edge's discriminator and of the students' feature extractors"
     scores = []
     for (t, s), adv in zip(edges, adversaries):
-        fake = adv.discriminator(adv.fake(maps[s]))
-        scores.append((adv.discriminator(adv.real(maps[t].detach())), fake))
+        if getattr(adv, 'joint', False):
+            real = adv.real(maps[t].detach())
+            scores.append(adv.discriminator(torch.cat([real, adv.fake(maps[s])])).split(len(real)))
+        else:
+            fake = adv.discriminator(adv.fake(maps[s]))
+            scores.append((adv.discriminator(adv.real(maps[t].detach())), fake))
     d_loss = sum(lsgan_d_loss(real, fake) for real, fake in scores)
     return d_loss, mean_over_teachers(edges, lambda i, t, s: lsgan_g_loss(scores[i][1]))

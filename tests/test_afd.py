@@ -1,4 +1,4 @@
-"AFD against a plain-PyTorch implementation of the same math, and AFD with the rest of fastai"
+"AFD (the paper's settings, paper=True) against a plain-PyTorch implementation of the same math, and AFD with the rest of fastai; the library's defaults are checked against plain PyTorch in test_fidelity"
 import math
 from copy import deepcopy
 import pytest, torch
@@ -64,7 +64,7 @@ def plain_afd_step(model, x, y, edges, lr, adv_lr, T=3., kd=True, wd=1e-4, adv_w
 ])
 def test_one_afd_step_equals_plain_pytorch(models, method, n_adv):
     dls = digits_dls(size=16, n_per_class=3, bs=30) # one batch of 30 real images
-    learn = afd_learner(dls, models, method=method, adv_lr=1e-3)
+    learn = afd_learner(dls, models, method=method, adv_lr=1e-3, paper=True)
     assert len(learn.model.adversaries) == n_adv
     ref = deepcopy(learn.model)
     before = deepcopy(learn.model.state_dict())
@@ -87,7 +87,7 @@ def test_one_afd_step_equals_plain_pytorch(models, method, n_adv):
 
 
 def test_second_optimiser_never_touches_heads_or_learn_opt(small_digits):
-    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], adv_lr=1e-2)
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], adv_lr=1e-2, paper=True)
     heads = deepcopy([m.head.state_dict() for m in learn.model.models])
     # with the first optimiser's lr at 0 only the second optimiser moves anything: heads get no adversarial gradient
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=0.)
@@ -98,7 +98,7 @@ def test_second_optimiser_never_touches_heads_or_learn_opt(small_digits):
 
 
 def test_validation_never_touches_the_discriminators(small_digits):
-    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'])
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], paper=True)
     calls = []
     hooks = [a.discriminator.register_forward_hook(lambda *_: calls.append(1)) for a in learn.model.adversaries]
     before = deepcopy(learn.model.adversaries.state_dict())
@@ -116,7 +116,7 @@ def test_validation_never_touches_the_discriminators(small_digits):
 
 
 def test_lr_find_neither_creates_nor_steps_the_second_optimiser(small_digits):
-    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'])
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], paper=True)
     before = deepcopy(learn.model.state_dict())
     with learn.no_bar(): learn.lr_find(num_it=8, show_plot=False)
     assert learn.adversarial_feature.adv_opt is None
@@ -144,15 +144,15 @@ class StopAfterEpoch(Callback):
 def test_save_load_continue_equals_uninterrupted(tmp_path):
     dls = _resume_setup(tmp_path)
     set_seed(1)
-    straight = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path)
+    straight = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True)
     init = deepcopy(straight.model.state_dict())
     with straight.no_bar(), straight.no_logging(): straight.fit_one_cycle(4, 0.05)
 
-    first = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path)
+    first = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True)
     first.model.load_state_dict(init)
     with first.no_bar(), first.no_logging():
         first.fit_one_cycle(4, 0.05, cbs=[CheckpointCallback('ck'), StopAfterEpoch(1)]) # stops after 2 of 4 epochs
-    resumed = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path).load('ck')
+    resumed = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True).load('ck')
     cb = resumed.adversarial_feature
     assert cb.adv_opt is not None and cb.adv_opt.hypers[0]['lr'] == pytest.approx(1e-4) # 25 % milestone passed
     with resumed.no_bar(), resumed.no_logging(): resumed.fit_one_cycle(4, 0.05, start_epoch=2)
@@ -161,32 +161,32 @@ def test_save_load_continue_equals_uninterrupted(tmp_path):
     torch.testing.assert_close(cb.adv_opt.state_dict()['state'], straight.adversarial_feature.adv_opt.state_dict()['state'],
                                rtol=1e-4, atol=1e-6)
     # and without the second optimiser's state the resumed run would differ: the check can fail
-    fresh = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path).load('ck', with_opt=False)
+    fresh = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True).load('ck', with_opt=False)
     with fresh.no_bar(), fresh.no_logging(): fresh.fit_one_cycle(4, 0.05, start_epoch=2)
     assert any(not torch.allclose(v, straight.model.state_dict()[k], rtol=1e-4, atol=1e-5)
                for k, v in fresh.model.state_dict().items() if v.is_floating_point())
 
 
 def test_save_model_callback_keeps_the_second_optimiser(small_digits, tmp_path):
-    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path)
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=True)
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.02, cbs=SaveModelCallback(fname='best', with_opt=True))
     state = torch.load(tmp_path/'models'/'best.pth', weights_only=False)
     assert set(state) == {'model', 'opt'} and state['opt']['second'] is not None # fastai's format, both optimisers in 'opt'
     assert any(k.startswith('adversaries.') for k in state['model'])
-    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path).load('best')
+    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=True).load('best')
     torch.testing.assert_close(other.adversarial_feature.adv_opt.state_dict()['state'], state['opt']['second']['state'])
 
 
 def test_checkpoint_of_the_previous_version_still_loads(small_digits, tmp_path):
     "afd_fastai 0.0.1 wrote {'model', 'opt', 'callbacks': {'adversarial_feature': {'opt', ...}}}"
-    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path)
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=True)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
     opt = learn.opt.state_dict()
     second = opt.pop('second')
     (tmp_path/'models').mkdir(exist_ok=True)
     torch.save({'model': learn.model.state_dict(), 'opt': opt,
                 'callbacks': {'adversarial_feature': {'opt': second, 'scale': None, 'good_steps': 0}}}, tmp_path/'models'/'old.pth')
-    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path).load('old')
+    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=True).load('old')
     for k, v in other.model.state_dict().items(): torch.testing.assert_close(v, learn.model.state_dict()[k])
     torch.testing.assert_close(other.adversarial_feature.adv_opt.state_dict()['state'], second['state'])
     torch.save({'something': 'else'}, tmp_path/'models'/'bad.pth') # anything else still fails as fastai fails
@@ -194,7 +194,7 @@ def test_checkpoint_of_the_previous_version_still_loads(small_digits, tmp_path):
 
 
 def test_afd_learns_and_losses_stay_finite(small_digits):
-    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'])
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], paper=True)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.05)
     final = dict(zip(learn.recorder.metric_names[3:-1], learn.recorder.values[-1][2:]))
     for name in ['acc_resnet20', 'acc_wrn16_2', 'acc_avg', 'acc_ens']: assert final[name] > 0.6, (name, final)
@@ -204,7 +204,7 @@ def test_afd_learns_and_losses_stay_finite(small_digits):
 
 
 def test_nan_in_adversarial_loss_stops_training(small_digits):
-    learn = afd_learner(small_digits, ['resnet20', 'resnet20'])
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], paper=True)
     with torch.no_grad(): learn.model.adversaries[1].discriminator[0].weight[0, 0, 0, 0] = float('nan')
     before = {k: v.detach().clone() for k, v in learn.model.models.named_parameters()}
     with learn.no_bar(), learn.no_logging():
@@ -216,14 +216,14 @@ def test_fp16_loss_scaling_of_the_adversarial_gradients(small_digits):
     "The second optimiser's own GradScaler, forced on (on CPU fastai's autocast is off): same step, overflow skipped"
     dls = digits_dls(size=16, n_per_class=3, bs=30)
     dls.train.shuffle = False # the same order of the batch's images, so that the two steps sum in the same order
-    a = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3)
-    b = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3)
+    a = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3, paper=True)
+    b = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3, paper=True)
     b.model.load_state_dict(a.model.state_dict())
     b.adversarial_feature.loss_scale = 2.**10
     for l in (a, b): l.fit(1, 0.05, cbs=OneStep())
     for k, v in b.model.state_dict().items(): torch.testing.assert_close(v, a.model.state_dict()[k], rtol=1e-4, atol=1e-5)
     assert b.adversarial_feature.adv_scaler.get_scale() == 2.**10 and b.adversarial_feature.skipped_steps == 0
-    c = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3)
+    c = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3, paper=True)
     c.adversarial_feature.loss_scale = float('inf') # the scaled adversarial gradients overflow
     bodies = deepcopy([m.body.state_dict() for m in c.model.models])
     discs = deepcopy(c.model.adversaries.state_dict())
@@ -237,7 +237,7 @@ def test_fp16_loss_scaling_of_the_adversarial_gradients(small_digits):
 
 
 def test_export_load_learner_and_peer(small_digits, tmp_path):
-    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], path=tmp_path)
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], path=tmp_path, paper=True)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
     items = small_digits.valid_ds.items[:8]
     preds = learn.get_preds(dl=small_digits.test_dl(items))[0]

@@ -19,15 +19,19 @@ def kl(student, teacher, T=3.):
     return T * T * (p * (p.log() - F.log_softmax(student / T, dim=1))).sum(1).mean()
 
 
-def plain_afd(nets, advs, edges, batches, lr, adv_lr, kd=True, n_acc=1, clip=None):
+def plain_afd(nets, advs, edges, batches, lr, adv_lr, kd=True, n_acc=1, clip=None, lam=None, betas=(0.9, 0.999),
+              decoupled=False, joint=False):
     """AFD in plain PyTorch over `batches`: SGD on CE + T²·KL, Adam on the LSGAN losses, one forward per batch.
     `edges[e] = (teacher, student)` with discriminator `advs[e].discriminator` and transfer layer `advs[e].transfer`.
-    Gradients of `n_acc` consecutive batches are summed (each loss divided by `n_acc`) before both optimisers step."""
+    Gradients of `n_acc` consecutive batches are summed (each loss divided by `n_acc`) before both optimisers step.
+    The paper's algorithm by default; `lam`: the library's default instead, SGD on CE + T²·KL + lam·g_loss and Adam
+    (`betas`, AdamW if `decoupled`) on the discriminators and transfer layers only; `joint`: real and fake in one batch."""
     net_params = [p for n in nets for p in n.parameters()]
-    gen = net_params + [p for a in advs for p in a.transfer.parameters()]
+    gen = (net_params if lam is None else []) + [p for a in advs for p in a.transfer.parameters()]
     disc = [p for a in advs for p in a.discriminator.parameters()]
     sgd = torch.optim.SGD(net_params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    adam = torch.optim.Adam(gen + disc, lr=adv_lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1) if advs else None
+    adam_class = torch.optim.AdamW if decoupled else torch.optim.Adam
+    adam = adam_class(gen + disc, lr=adv_lr, betas=betas, eps=1e-8, weight_decay=0.1) if advs else None
     adv_grads = [None] * len(gen + disc)
     for i, (x, y) in enumerate(batches):
         feats = [n.body(x) for n in nets]
@@ -41,20 +45,24 @@ def plain_afd(nets, advs, edges, batches, lr, adv_lr, kd=True, n_acc=1, clip=Non
         if advs: # no discriminators: DML's loop
             g_terms, d_loss = {s: [] for s in students}, 0.
             for (t, s), adv in zip(edges, advs):
-                fake = adv.discriminator(adv.transfer(feats[s]))
-                real = adv.discriminator(feats[t].detach())
+                if joint: real, fake = adv.discriminator(torch.cat([feats[t].detach(), adv.transfer(feats[s])])).chunk(2)
+                else:
+                    fake = adv.discriminator(adv.transfer(feats[s]))
+                    real = adv.discriminator(feats[t].detach())
                 g_terms[s].append(((1 - fake) ** 2).mean())
                 d_loss = d_loss + ((1 - real) ** 2).mean() + (fake ** 2).mean()
             g_loss = sum(sum(v) / len(v) for v in g_terms.values())
-            grads = list(torch.autograd.grad(g_loss / n_acc, gen, retain_graph=True, allow_unused=True))
+            grads = list(torch.autograd.grad(g_loss / n_acc, gen, retain_graph=True, allow_unused=True)) if gen else []
             grads += list(torch.autograd.grad(d_loss / n_acc, disc, retain_graph=True, allow_unused=True))
             adv_grads = [b if a is None else a if b is None else a + b for a, b in zip(adv_grads, grads)]
+            if lam is not None: loss = loss + lam * g_loss
         (loss / n_acc).backward()
         if (i + 1) % n_acc: continue
         if clip: nn.utils.clip_grad_norm_(net_params, clip)
         sgd.step(); sgd.zero_grad()
         if adam is None: continue
         adam.zero_grad(set_to_none=True)
+        for p in disc: p.grad = None # (lam·g_loss reached them through the backward above; they are D's, not G's)
         for p, g in zip(gen + disc, adv_grads): p.grad = g
         adam.step(); adam.zero_grad(set_to_none=True)
         adv_grads = [None] * len(gen + disc)
@@ -87,13 +95,20 @@ class Double(Callback):
     def after_loss(self): self.learn.loss = self.learn.loss.float()
 
 
+library_default = dict(lam=defaults.adv_weight, betas=defaults.adv_betas, decoupled=defaults.adv_decouple_wd,
+                       joint=defaults.disc_joint)
+
+@pytest.mark.parametrize('paper', [True, False]) # the paper's algorithm, and the library's default AFD
 @pytest.mark.parametrize('models,edges', [
     (['resnet20', 'wrn16_2'], [(1, 0), (0, 1)]),                          # two networks of different width
     (['resnet20', 'wrn16_2', 'resnet20'], [(2, 0), (0, 1), (1, 2)]),      # three networks, cyclic: k−1 teaches k
 ])
-def test_three_afd_steps_equal_plain_pytorch(models, edges):
+def test_three_afd_steps_equal_plain_pytorch(models, edges, paper):
     dls = digits_dls(size=16, n_per_class=6, bs=20) # 60 training images: three batches
-    learn = afd_learner(dls, models, adv_lr=1e-3, adv_milestones=()) # a constant second lr, as in the plain loop
+    learn = afd_learner(dls, models, paper=paper, adv_lr=1e-3, adv_milestones=(), # a constant second lr, as in the plain loop
+                        topology='cyclic' if len(models) > 2 else None, # (the library's default for three is mutual)
+                        distill_warmup=0) # (the warm-up's ramp is tested in test_training)
+    if not paper: assert learn.model.adversaries[0].discriminator[3].kernel_size == (2, 2) # the full head on 4×4 maps
     assert learn.model.adversary_edges == edges
     learn.model.double() # in float64 the two agree to rounding over several steps; in float32, rounding differences of
                          # 1e-7 flip the odd ReLU and are amplified step after step
@@ -102,7 +117,7 @@ def test_three_afd_steps_equal_plain_pytorch(models, edges):
     rec = Batches(3)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=0.05, cbs=[Double(), rec])
     assert len(rec.seen) == 3
-    plain_afd(nets, advs, edges, rec.seen, lr=0.05, adv_lr=1e-3)
+    plain_afd(nets, advs, edges, rec.seen, lr=0.05, adv_lr=1e-3, **({} if paper else library_default))
     assert_same(learn.model.state_dict(), model_state(nets, advs), before, rtol=1e-9, atol=1e-10)
 
 
@@ -129,27 +144,28 @@ def model_state(nets, advs):
             **{f'adversaries.{e}.{n}': v for e, a in enumerate(advs) for n, v in a.state_dict().items()}}
 
 
-def accumulated_and_plain(method, widths, clip=None):
+def accumulated_and_plain(method, widths, clip=None, paper=True):
     """`GradientAccumulation(32)` over two micro-batches of 16 (and `GradientClip(clip)`), and the plain loop accumulating
     the same way from the same weights: (the learner's state, the plain loop's, the initial one)"""
     _, halves, micro = two_halves_and_whole()
     set_seed(0)
     nets = [bn_free_net(w) if isinstance(w, int) else w for w in widths] # a width, or a zoo name
-    learn = afd_learner(halves, nets, method=method, adv_lr=1e-3, adv_milestones=())
+    learn = afd_learner(halves, nets, method=method, paper=paper, adv_lr=1e-3, adv_milestones=(), distill_warmup=0)
     nets = deepcopy(list(learn.model.models))
     advs = deepcopy(list(learn.model.adversaries)) if method == 'afd' else []
     edges = {2: [(1, 0), (0, 1)], 3: [(2, 0), (0, 1), (1, 2)]}[len(widths)] # written out: k−1 teaches k
     before = deepcopy(learn.model.state_dict())
     cbs = [GradientAccumulation(n_acc=32)] + ([GradientClip(max_norm=clip)] if clip else [])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=0.05, cbs=cbs)
-    plain_afd(nets, advs, edges, micro, lr=0.05, adv_lr=1e-3, n_acc=2, clip=clip)
+    plain_afd(nets, advs, edges, micro, lr=0.05, adv_lr=1e-3, n_acc=2, clip=clip, **({} if paper else library_default))
     return learn.model.state_dict(), model_state(nets, advs), before
 
 
-@pytest.mark.parametrize('method,widths', [('dml', (8, 16)), ('afd', (8, 16)), ('afd', (8, 16, 8))])
-def test_gradient_accumulation_equals_plain_accumulation(method, widths):
+@pytest.mark.parametrize('method,widths,paper', [('dml', (8, 16), True), ('afd', (8, 16), True), ('afd', (8, 16, 8), True),
+                                                ('afd', (8, 16), False)])
+def test_gradient_accumulation_equals_plain_accumulation(method, widths, paper):
     "GradientAccumulation(32) over two micro-batches of 16: the library and a plain loop accumulating the same way agree"
-    assert_same(*accumulated_and_plain(method, widths))
+    assert_same(*accumulated_and_plain(method, widths, paper=paper))
 
 
 def test_gradient_accumulation_of_afd_equals_one_batch_without_batchnorm():
@@ -158,7 +174,7 @@ def test_gradient_accumulation_of_afd_equals_one_batch_without_batchnorm():
     states = []
     for dls, cbs in ((whole, []), (halves, [GradientAccumulation(n_acc=32)])):
         set_seed(0)
-        learn = afd_learner(dls, [bn_free_net(8), bn_free_net(16), bn_free_net(8)], adv_lr=1e-3, adv_milestones=())
+        learn = afd_learner(dls, [bn_free_net(8), bn_free_net(16), bn_free_net(8)], paper=True, adv_lr=1e-3, adv_milestones=())
         for a in learn.model.adversaries: a.discriminator[1] = nn.Identity() # no BatchNorm in the discriminators either
         for a in learn.model.adversaries:
             if isinstance(a.transfer, nn.Sequential): a.transfer[1] = nn.Identity()
@@ -177,7 +193,7 @@ def test_gradient_clip_and_accumulation_together():
 
 def test_the_papers_defaults():
     dls = digits_dls(size=16, n_per_class=3, bs=30)
-    learn = afd_learner(dls, ['resnet20', 'resnet20'])
+    learn = afd_learner(dls, ['resnet20', 'resnet20'], paper=True)
     learn.create_opt()
     h = learn.opt.hypers[0]
     assert (learn.lr, learn.wd, h['mom'], learn.opt.main.cbs[0].__name__) == (0.1, 1e-4, 0.9, 'l2_reg') # coupled L2
@@ -188,6 +204,27 @@ def test_the_papers_defaults():
     h = second.hypers[0]
     assert (h['mom'], h['sqr_mom'], h['eps'], h['wd']) == (0.9, 0.999, 1e-8, 0.1)
     assert second.cbs[0].__name__ == 'l2_reg' # coupled, as torch.optim.Adam(weight_decay=0.1)
+    assert adv.gen_weight is None and adv.warmup == 0 and learn.distill.warmup == 0
+    assert [len(g) for g in second.param_lists] == [len(list(learn.model.models.parameters())), len(list(learn.model.adversaries.parameters()))]
+    d = learn.model.adversaries[0].discriminator
+    assert isinstance(d[4], nn.AdaptiveAvgPool2d) and not learn.model.adversaries[0].joint
+
+
+def test_the_library_defaults():
+    "Without paper=True: warm-up 0.3, λ = 1 through SGD, AdamW(β1 0.5) at 2e-4 on the discriminators only, full-map joint D"
+    dls = digits_dls(size=16, n_per_class=3, bs=30)
+    learn = afd_learner(dls, ['resnet20', 'resnet20'])
+    learn.create_opt()
+    assert learn.distill.T == 3. and learn.distill.weight == 1. and learn.distill.warmup == 0.3
+    adv = learn.adversarial_feature
+    assert (adv.lr, adv.wd, adv.milestones, adv.gen_weight, adv.warmup) == (2e-4, 0.1, (), 1., 0.3)
+    second = adv.make_opt()
+    h = second.hypers[0]
+    assert (h['mom'], h['sqr_mom'], h['wd']) == (0.5, 0.999, 0.1)
+    assert second.cbs[0].__name__ == 'weight_decay' # decoupled, as torch.optim.AdamW
+    assert [len(g) for g in second.param_lists] == [len(list(learn.model.adversaries.parameters()))] # no network weights
+    a = learn.model.adversaries[0]
+    assert a.joint and a.discriminator[3].kernel_size == (2, 2) # resnet20's 4×4 map on 16×16 digits, halved once
 
 
 class EpochLRs(Callback):
@@ -201,7 +238,7 @@ class EpochLRs(Callback):
 
 def test_both_learning_rates_follow_a_scaled_down_paper_schedule():
     "8 epochs for 300: SGD 0.1 × 0.1 at 50 % and 75 %; Adam 2e-5 × 0.1 at 25 % and 50 %"
-    learn = afd_learner(digits_dls(size=16, n_per_class=4, bs=20), ['resnet20', 'resnet20'])
+    learn = afd_learner(digits_dls(size=16, n_per_class=4, bs=20), ['resnet20', 'resnet20'], paper=True)
     rec = EpochLRs()
     with learn.no_bar(), learn.no_logging(): learn.fit_multistep(8, cbs=rec)
     sgd, adam = zip(*rec.lrs)
@@ -212,7 +249,7 @@ def test_both_learning_rates_follow_a_scaled_down_paper_schedule():
 def test_gradient_isolation():
     "The discriminators get only d_loss's gradient, the networks and transfer layers only g_loss's, the heads none"
     dls = digits_dls(size=16, n_per_class=3, bs=30)
-    learn = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3)
+    learn = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, paper=True)
     cb = learn.adversarial_feature
     class Grab(Callback):
         order = 1 # after the adversarial callback's after_loss, before the step

@@ -34,7 +34,7 @@ def dls(): return digits_dls(size=16, bs=64)
 
 
 def test_one_dml_step_equals_a_plain_pytorch_step(dls):
-    learn = afd_learner(dls, ['resnet20', 'wrn16_2', 'resnet20'], method='dml')
+    learn = afd_learner(dls, ['resnet20', 'wrn16_2', 'resnet20'], method='dml', paper=True) # the paper's step: no warm-up
     plain = [deepcopy(m) for m in learn.model.models]
     initial = deepcopy(learn.model.state_dict())
     step = OneStep()

@@ -36,7 +36,7 @@ def one_batch():
 
 def step_and_reference(models, method, **kwargs):
     "One fastai step of `method`; return the learner, a copy of the model from before it, the batch and the old state"
-    learn = afd_learner(one_batch(), models, method=method, **kwargs)
+    learn = afd_learner(one_batch(), models, method=method, **{'paper': True, **kwargs}) # the paper's step: no warm-up
     ref, before = deepcopy(learn.model), deepcopy(learn.model.state_dict())
     step = OneStep()
     learn.fit(1, lr=0.05, cbs=step)
@@ -179,7 +179,7 @@ def test_offline_teacher_stays_frozen_and_teaches(small_digits, tmp_path, method
 
 def test_offline_step_equals_plain_pytorch(small_digits, tmp_path):
     teacher, _ = _trained_teacher(small_digits, tmp_path)
-    learn = afd_learner(one_batch(), ['resnet20'], method='l1_kd_offline', teacher=teacher)
+    learn = afd_learner(one_batch(), ['resnet20'], method='l1_kd_offline', teacher=teacher, paper=True)
     ref, before = deepcopy(learn.model), deepcopy(learn.model.state_dict())
     step = OneStep()
     learn.fit(1, lr=0.05, cbs=step)

@@ -1,14 +1,17 @@
 "Training on real data (digits) through the fastai Learner API"
-import math
+import math, warnings
 import pytest, torch
 from fastai.learner import load_learner
 from fastai.callback.core import Callback, CancelFitException
 from afd_fastai.all import *
 
-@pytest.mark.parametrize('method', ['vanilla', 'dml'])
+@pytest.mark.parametrize('method', ['vanilla', 'dml', 'afd'])
 def test_every_network_learns(small_digits, method):
+    "With the library's defaults; AFD's discriminators do not win outright (no divergence warning)"
     learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method=method)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.05)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('error', AdversarialDivergenceWarning)
+        learn.fit_one_cycle(4, 0.05)
     names = [m.name for m in learn.metrics]
     final = dict(zip(names, learn.recorder.values[-1][2:]))
     for name in ['acc_resnet20', 'acc_wrn16_2', 'acc_avg', 'acc_ens']:
@@ -28,7 +31,7 @@ def test_validation_loss_is_plain_cross_entropy(small_digits):
     assert valid_loss == pytest.approx(ce.item(), rel=1e-3)
 
 def test_training_loss_includes_distillation(small_digits):
-    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml')
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml', paper=True)
     class Grab(Callback):
         order = 50
         def after_loss(self): self.loss, self.ce = self.learn.loss.item(), sum(getattr(self.loss_func, n).item() for n in self.loss_func.part_names)
@@ -88,7 +91,7 @@ def test_mixed_precision_runs(small_digits, precision, method):
 @pytest.mark.parametrize('method', ['dml', 'afd'])
 def test_three_networks_and_torchvision(small_digits, method):
     import torchvision
-    learn = afd_learner(small_digits, ['resnet20', torchvision.models.resnet18, wrn16_2], method=method)
+    learn = afd_learner(small_digits, ['resnet20', torchvision.models.resnet18, wrn16_2], method=method, paper=True) # cyclic AFD
     assert learn.model.feature_layers == ['body', 'layer4', 'body']
     assert [m.name for m in learn.metrics][:3] == ['acc_resnet20', 'acc_resnet', 'acc_wrn16_2']
     if method == 'afd': # resnet18's 512×1×1 map (16-pixel inputs) against the others' 4×4 maps: pooled to 1×1
@@ -119,3 +122,20 @@ def test_distill_warmup_ramps_the_term_in(small_digits):
     for pct, loss, ce, kd in grab.rows:
         assert loss == pytest.approx(ce + min(1., pct / 0.5) * kd, rel=1e-5)
     assert grab.rows[0][1] == pytest.approx(grab.rows[0][2], rel=1e-6) and grab.rows[0][3] > 0 # first batch: CE alone
+
+def test_afd_default_adds_the_ramped_generator_loss(small_digits):
+    "The library's AFD: loss = CE + ramp·T²KL + ramp·λ·g_loss, the ramp linear over the first 30 % of training"
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], adv_weight=2.)
+    class Grab(Callback):
+        order = 50
+        def before_fit(self): self.rows = []
+        def after_loss(self):
+            if self.training:
+                ce = sum(getattr(self.loss_func, n).item() for n in self.loss_func.part_names)
+                self.rows.append((self.pct_train, self.learn.loss.item(), ce, self.learn.distill_loss.item(),
+                                  self.learn.recorder.g_losses[-1]))
+    grab = Grab()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.01, cbs=grab)
+    for pct, loss, ce, kd, g in grab.rows:
+        assert loss == pytest.approx(ce + min(1., pct / 0.3) * (kd + 2. * g), rel=1e-5)
+    assert grab.rows[-1][4] > 0 and grab.rows[-1][0] > 0.3 # the last batches: the full weights, a non-zero g_loss

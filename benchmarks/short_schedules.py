@@ -1,0 +1,91 @@
+"""Peers against training alone on short `fit_one_cycle` schedules: accuracy per network, method, length and seed.
+
+Every run of one seed starts from the same initial weights and the same batches, so methods can be compared seed by
+seed (paired differences). Rows are appended to `--out` as they finish; a row already there is not run again, so an
+interrupted sweep continues where it stopped.
+
+    python benchmarks/short_schedules.py --regime noisy --nets resnet20,resnet20 --methods vanilla,dml,kd,afd \\
+        --epochs 2,5,10,30 --seeds 0,1,2,3,4 --out short.csv
+    python benchmarks/short_schedules.py --summary short.csv   # the tables: mean ± std and paired differences
+
+Regimes: `all` (every training image, clean labels) and `noisy` (the demo's: 20 images per class, 40 % of the labels
+wrong); both 16×16 digits, batch 64 and 32 (`--size`, `--bs` change that). `--tag NAME --settings "T=1;distill_warmup=0.3"`
+passes other `afd_learner` settings, recorded under NAME; `--paper` builds the paper-faithful learners.
+"""
+import ast, csv, time
+from pathlib import Path
+import pandas as pd
+from fastcore.script import call_parse
+from fastai.torch_core import set_seed
+from afd_fastai.data import digits_dls
+from afd_fastai.learner import afd_learner
+from afd_fastai.experiment import markdown_table, paired
+
+regimes = dict(all=dict(n_per_class=None, label_noise=0., bs=64), # digits_dls' defaults but 16×16
+               noisy=dict(n_per_class=20, label_noise=0.4, bs=32)) # the demo's regime
+
+def parse_settings(text:str):
+    "'a=1;b=x;c=(1, 2)' → {'a': 1, 'b': 'x', 'c': (1, 2)}"
+    out = {}
+    text = text or ''
+    for part in filter(None, text.split(';' if ';' in text else ',')):
+        k, v = part.split('=')
+        try: out[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError): out[k.strip()] = v.strip()
+    return out
+
+def one_run(regime, nets, method, epochs, seed, size=16, bs=None, lr=0.05, **settings):
+    "Train `nets` with `method` for `epochs` of `fit_one_cycle`; each network's and the ensemble's final accuracy"
+    set_seed(seed, reproducible=True)
+    data = {**regimes[regime], **({} if bs is None else {'bs': bs})}
+    dls = digits_dls(size=size, seed=seed, **data)
+    learn = afd_learner(dls, list(nets), method=method, **settings)
+    start = time.time()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    values = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
+    return {k: float(v) for k, v in values.items() if k.startswith('acc_')}, time.time() - start
+
+def _done(out):
+    if not Path(out).exists(): return set()
+    runs = pd.read_csv(out)
+    return set(zip(runs.regime, runs.nets, runs.method, runs.tag, runs.epochs, runs.seed))
+
+def _append(out, row):
+    new = not Path(out).exists()
+    with open(out, 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new: w.writeheader()
+        w.writerow(row)
+
+@call_parse
+def main(regime:str='noisy', # 'all' images with clean labels, or the demo's 'noisy' small-data regime
+         nets:str='resnet20,resnet20', # zoo networks, comma-separated
+         methods:str='vanilla,dml,kd,afd', # methods, comma-separated
+         epochs:str='2,5', # lengths of fit_one_cycle, comma-separated
+         seeds:str='0,1,2,3,4', # seeds, comma-separated
+         tag:str='default', # the name of these settings in the results
+         settings:str='', # other afd_learner settings, 'name=value;...'
+         paper:bool=False, # the paper-faithful learners (afd_learner(paper=True))
+         size:int=16, # image size
+         bs:int=None, # batch size (default: the regime's, 64 for all, 32 for noisy)
+         lr:float=0.05, # fit_one_cycle's maximum lr
+         out:str='short_schedules.csv', # results, one row per run (appended)
+         summary:str=None): # print the tables of this results file and stop
+    if summary:
+        print(markdown_table(paired(pd.read_csv(summary))))
+        return
+    extra = parse_settings(settings)
+    if paper: extra['paper'] = True
+    done = _done(out)
+    for n_epochs in map(int, epochs.split(',')):
+        for method in methods.split(','):
+            for seed in map(int, seeds.split(',')):
+                if (regime, nets, method, tag, n_epochs, seed) in done: continue
+                accs, secs = one_run(regime, nets.split(','), method, n_epochs, seed, size, bs, lr, **extra)
+                row = dict(regime=regime, nets=nets, method=method, tag=tag, epochs=n_epochs, seed=seed,
+                           acc_avg=accs.get('acc_avg', next(iter(accs.values()))), acc_ens=accs.get('acc_ens', float('nan')),
+                           acc_nets=';'.join(f"{v:.4f}" for k, v in accs.items() if k not in ('acc_avg', 'acc_ens')),
+                           seconds=round(secs, 1))
+                _append(out, row)
+                print(f"{regime} {nets} {method}/{tag} {n_epochs} ep seed {seed}: acc_avg {100 * row['acc_avg']:.1f} "
+                      f"({secs:.0f} s)", flush=True)
