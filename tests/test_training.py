@@ -107,34 +107,29 @@ def test_cifar_folder_trains(tmp_path):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.01)
     assert learn.dls.vocab[0] == 'class0'
 
+class LossParts(Callback):
+    "Each training batch's (pct_train, loss, sum of cross-entropies, distill_loss, g_loss or None)"
+    order = 50
+    def before_fit(self): self.rows = []
+    def after_loss(self):
+        if not self.training: return
+        ce = sum(getattr(self.loss_func, n).item() for n in self.loss_func.part_names)
+        g = self.learn.recorder.g_losses[-1] if len(getattr(self.learn.recorder, 'g_losses', [])) else None
+        self.rows.append((self.pct_train, self.learn.loss.item(), ce, self.learn.distill_loss.item(), g))
+
 def test_distill_warmup_ramps_the_term_in(small_digits):
     "distill_warmup=0.5: the term counts 0 at the first batch and fully after half the fit"
     learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method='dml', distill_warmup=0.5)
-    class Grab(Callback):
-        order = 50
-        def before_fit(self): self.rows = []
-        def after_loss(self):
-            if self.training:
-                ce = sum(getattr(self.loss_func, n).item() for n in self.loss_func.part_names)
-                self.rows.append((self.pct_train, self.learn.loss.item(), ce, self.learn.distill_loss.item()))
-    grab = Grab()
+    grab = LossParts()
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.01, cbs=grab)
-    for pct, loss, ce, kd in grab.rows:
+    for pct, loss, ce, kd, _ in grab.rows:
         assert loss == pytest.approx(ce + min(1., pct / 0.5) * kd, rel=1e-5)
     assert grab.rows[0][1] == pytest.approx(grab.rows[0][2], rel=1e-6) and grab.rows[0][3] > 0 # first batch: CE alone
 
 def test_afd_default_adds_the_ramped_generator_loss(small_digits):
     "The library's AFD: loss = CE + ramp·T²KL + ramp·λ·g_loss, the ramp linear over the first 30 % of training"
     learn = afd_learner(small_digits, ['resnet20', 'resnet20'], adv_weight=2.)
-    class Grab(Callback):
-        order = 50
-        def before_fit(self): self.rows = []
-        def after_loss(self):
-            if self.training:
-                ce = sum(getattr(self.loss_func, n).item() for n in self.loss_func.part_names)
-                self.rows.append((self.pct_train, self.learn.loss.item(), ce, self.learn.distill_loss.item(),
-                                  self.learn.recorder.g_losses[-1]))
-    grab = Grab()
+    grab = LossParts()
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.01, cbs=grab)
     for pct, loss, ce, kd, g in grab.rows:
         assert loss == pytest.approx(ce + min(1., pct / 0.3) * (kd + 2. * g), rel=1e-5)
