@@ -112,7 +112,7 @@ class PeerOptimizer(GetAttr):
             if self.second is None: self.second = self.make_second()
             self.second.load_state_dict(second)
 
-# %% ../nbs/05_adversarial.ipynb #2a066662
+# %% ../nbs/05_adversarial.ipynb #4eb06e6e
 class AdversarialLossError(RuntimeError):
     "The adversarial losses or their gradients stopped being finite"
 
@@ -139,7 +139,9 @@ class AdversarialFeatureCallback(Callback):
                  loss_scale:float=None, # fp16 scale of the adversarial losses: None = a GradScaler under fp16 on a GPU, 0 = off
                  gen_weight:float=None, # λ: add λ·g_loss to the Learner's loss (None: the second optimiser steps the extractors)
                  lr_steps:int=None, # scale `lr` by `lr_steps` / the fit's number of batches (None: `lr` as given)
-                 patience:int=50): # batches the discriminators may win outright before a warning
+                 patience:int=50, # batches the discriminators may win outright before a warning
+                 win_d:float=0.1, # ... winning outright: `d_loss` per edge below `win_d`
+                 win_g:float=0.6): # ... while `g_loss` per network is above `win_g`
         store_attr()
 
     def make_opt(self):
@@ -201,7 +203,7 @@ class AdversarialFeatureCallback(Callback):
 
     def __getstate__(self): return {**self.__dict__, 'grads': None, 'params': None, 'gen': None, 'disc': None, 'adv_scaler': None}
 
-# %% ../nbs/05_adversarial.ipynb #a1666d98
+# %% ../nbs/05_adversarial.ipynb #ba628fe2
 @patch
 def _check_model(self:AdversarialFeatureCallback):
     "The model's adversary edges, which must be those of the callback's topology"
@@ -230,6 +232,7 @@ def _start(self:AdversarialFeatureCallback):
     self.disc = [p for a in model.adversaries for p in a.discriminator.parameters() if p.requires_grad]
     self.params = self.gen + self.disc
     self.learn.recorder.d_losses,self.learn.recorder.g_losses = L(),L()
+    self.n_students = len({s for _, s in self.edges}) # per-network g_loss, for the divergence watch
 
 @patch
 def _make_scaler(self:AdversarialFeatureCallback):
@@ -265,8 +268,8 @@ def _record(self:AdversarialFeatureCallback, d, g):
 @patch
 def _watch(self:AdversarialFeatureCallback, d, g):
     "Count the batches in a row the discriminators win outright; warn once per fit when they reach `patience`"
-    n_students = len({s for _, s in self.edges})
-    self.losing = self.losing + 1 if d / len(self.edges) < 0.1 and g / n_students > 0.6 else 0
+    n_students = self.n_students
+    self.losing = self.losing + 1 if d / len(self.edges) < self.win_d and g / n_students > self.win_g else 0
     if self.diverging and not self.warned:
         self.warned = True
         warnings.warn(

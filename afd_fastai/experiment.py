@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['demo_methods', 'data_sets', 'regime_of', 'resolve_settings', 'make_dls', 'train_teacher', 'train_one', 'summarise',
-           'markdown_table', 'paired', 'describe_regime', 'describe_settings', 'run_experiment']
+           'markdown_table', 'paired', 'per_network', 'paired_ci', 'describe_regime', 'describe_settings',
+           'run_experiment']
 
 # %% ../nbs/10a_experiment.ipynb #5cfbf93b
 import time, contextlib
@@ -145,6 +146,37 @@ def paired(runs:pd.DataFrame, col:str='acc_avg', # runs with columns regime, net
                              worse='' if is_base or not len(d) else int((d < 0).sum())))
     return pd.DataFrame(rows)
 
+# %% ../nbs/10a_experiment.ipynb #0c4bc3e1
+def per_network(runs:pd.DataFrame):
+    "One row per network of each run: `network` ('position:name') and `acc`, its accuracy (from `acc_nets`)"
+    rows = []
+    for _, r in runs.iterrows():
+        names, accs = r['nets'].split(','), str(r['acc_nets']).split(';')
+        if len(names) != len(accs): raise ValueError(f"Run {dict(r)} has {len(names)} networks but {len(accs)} accuracies")
+        for k, (name, acc) in enumerate(zip(names, accs)):
+            rows.append({**r.drop('acc_nets').to_dict(), 'network': f"{k}:{name}", 'acc': float(acc)})
+    return pd.DataFrame(rows)
+
+def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, method, tag, seed and `col` (a fraction)
+              base=('vanilla', 'default'), # the (method, tag) every other row is compared with, seed by seed
+              by=('regime', 'nets', 'epochs'), # the columns that make one comparison
+              level:float=0.95): # confidence of the interval
+    "Per group: each (method, tag)'s paired difference to `base` in points, its t-interval (`lo`, `hi`) and the verdict"
+    from scipy import stats
+    rows = []
+    for key, g in runs.groupby(list(by), sort=False):
+        ref = g[(g.method == base[0]) & (g.tag == base[1])].set_index('seed')[col]
+        for (method, tag), r in g.groupby(['method', 'tag'], sort=False):
+            if (method, tag) == tuple(base): continue
+            d = (r.set_index('seed')[col] - ref).dropna() * 100
+            n = len(d)
+            half = stats.t.ppf((1 + level) / 2, n - 1) * d.std(ddof=1) / n ** 0.5 if n > 1 else float('inf')
+            lo, hi = d.mean() - half, d.mean() + half
+            verdict = 'too few seeds' if n < 2 else 'worse' if hi < 0 else 'better' if lo > 0 else 'within noise'
+            rows.append({**dict(zip(by, key)), 'method': method, 'tag': tag, 'seeds': n, 'diff': d.mean(),
+                         'lo': lo, 'hi': hi, 'verdict': verdict})
+    return pd.DataFrame(rows)
+
 # %% ../nbs/10a_experiment.ipynb #382d379c
 def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **data_kwargs):
     "One line saying what was trained, on what, for how long"
@@ -159,7 +191,7 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **da
     return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}, "
             f"lr {lr}, batch {bs}; seeds {', '.join(map(str, seeds))}")
 
-# %% ../nbs/10a_experiment.ipynb #03c145a1
+# %% ../nbs/10a_experiment.ipynb #560aa17a
 def describe_settings(paper:bool=False, adv_lr:float=None, adversarial:bool=True):
     "The distillation settings of a run, in words"
     s = settings_for(paper, adv_lr=adv_lr)
@@ -167,7 +199,7 @@ def describe_settings(paper:bool=False, adv_lr:float=None, adversarial:bool=True
     if not adversarial: return text
     adam = f"Adam{'W' if s.adv_decouple_wd else ''} lr {s.adv_lr:g}, betas {s.adv_betas}"
     if s.adv_milestones: adam += f" (× {paper_values.adv_gamma} at {', '.join(f'{m:.0%}' for m in s.adv_milestones)})"
-    if s.adv_weight is None: return text + f"; AFD's second optimiser {adam} on the feature extractors and discriminators"
+    if s.adv_weight == 'adam': return text + f"; AFD's second optimiser {adam} on the feature extractors and discriminators"
     return text + f"; AFD's generator loss × {s.adv_weight:g} in the networks' loss, the discriminators' {adam}"
 
 # %% ../nbs/10a_experiment.ipynb #290c277b

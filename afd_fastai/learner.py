@@ -61,7 +61,7 @@ register_method('l1_kd_offline', DistillMethod("Offline L1 + KD: a frozen teache
                                                callbacks=FrozenTeacherCallback, topology='from_teacher', offline=True))
 register_method('vanilla', DistillMethod("Each network alone, on the same batches", topology=None));
 
-# %% ../nbs/08_learner.ipynb #1a0882b4
+# %% ../nbs/08_learner.ipynb #458b79ff
 def _build(cls, **settings):
     "`cls` made with the settings its constructor takes (`weight`: the setting `cls.weight_setting` names)"
     if hasattr(cls, 'weight_setting'): settings['weight'] = settings[cls.weight_setting]
@@ -72,7 +72,7 @@ def adversarial_callback(topology, s:dict):
     "The `AdversarialFeatureCallback` of settings `s` (`settings_for`): its Adam, lr, schedule, generator weight"
     opt_func = partial(Adam, mom=s['adv_betas'][0], sqr_mom=s['adv_betas'][1], eps=paper.adv_eps, decouple_wd=s['adv_decouple_wd'])
     cb = AdversarialFeatureCallback(topology, lr=s['adv_lr'], wd=s['adv_wd'], milestones=s['adv_milestones'],
-                                    opt_func=opt_func, gen_weight=s['adv_weight'], lr_steps=s['adv_lr_steps'])
+                                    opt_func=opt_func, gen_weight=None if s['adv_weight'] == 'adam' else s['adv_weight'], lr_steps=s['adv_lr_steps'])
     cb.warmup = s['distill_warmup']
     return cb
 
@@ -218,7 +218,7 @@ def add_method_modules(model:PeerModel, method:DistillMethod, topology, disc_hea
     makers = {**method.edge_modules, **({'adversaries': adversary} if method.adversarial else {})}
     for name, make in makers.items(): model.add_edge_modules(name, edges, make)
 
-# %% ../nbs/08_learner.ipynb #22753632
+# %% ../nbs/08_learner.ipynb #6a985961
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -231,7 +231,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 T:float=None, # distillation temperature (default: 3)
                 kd_weight:float=None, # weight of the logit-level distillation term (default: 1)
                 distill_warmup:float=None, # fraction of training over which every distillation weight ramps up from 0 (default: 0.3; paper: 0)
-                adv_weight:float=None, # AFD: λ of the students' generator loss in the Learner's loss (paper: a second Adam steps them)
+                adv_weight:float=None, # AFD: λ of the students' generator loss in the Learner's loss (default: 1; paper: 'adam', a second Adam steps them)
                 adv_lr:float=None, # AFD: the second optimiser's lr (default: 2e-4; paper: 2e-5)
                 adv_betas:tuple=None, # AFD: its Adam betas (default: (0.5, 0.999); paper: (0.9, 0.999))
                 adv_wd:float=None, # AFD: its weight decay (0.1)
@@ -256,7 +256,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     choosable = declared.topology is not None and not declared.offline
     topo = declared.topology_for(len(model.models), topology if topology is not None else s.topology if choosable else None)
     add_method_modules(model, declared, topo, s.disc_head, s.disc_joint)
-    method_cbs = method_callbacks(declared, topo, align_weight=align_weight, paper=paper, # (paper: its None stays None)
+    method_cbs = method_callbacks(declared, topo, align_weight=align_weight, paper=paper,
                                   **{k: v for k, v in s.items() if k != 'topology'})
     loss_func = PeerLoss(model.output_names, gated=model.gated)
     metrics = peer_metrics(model.names, gated=model.gated) if metrics is None else listify(metrics)

@@ -27,12 +27,12 @@ regimes = dict( # how long and how each data set trains by default
     cifar=dict(epochs=300, bs=128, lr=paper.lr, schedule='multistep', milestones=paper.milestones, seeds=(0,)),
     imagenet=dict(epochs=90, bs=256, lr=paper.lr, schedule='multistep', milestones=(1/3, 2/3), seeds=(0,)))
 
-# %% ../nbs/03a_methods.ipynb #79e44da7
-paper_settings = AttrDict(topology=None, T=paper.T, kd_weight=paper.kd_weight, distill_warmup=0., adv_weight=None, adv_lr=paper.adv_lr,
+# %% ../nbs/03a_methods.ipynb #43295522
+paper_settings = AttrDict(topology=None, T=paper.T, kd_weight=paper.kd_weight, distill_warmup=0., adv_weight='adam', adv_lr=paper.adv_lr,
                           adv_betas=paper.adv_betas, adv_wd=paper.adv_wd, adv_decouple_wd=False,
                           adv_milestones=paper.adv_milestones, adv_lr_steps=None, disc_head='pool', disc_joint=False)
-defaults = AttrDict(paper_settings, topology='mutual', distill_warmup=0.3, adv_weight=1., adv_lr=2e-4, adv_betas=(0.5, 0.999),
-                    adv_decouple_wd=True, adv_milestones=(), disc_head='full', disc_joint=True)
+defaults = AttrDict(paper_settings, topology='mutual', distill_warmup=0.3, adv_weight=0.3, adv_lr=2e-4, adv_betas=(0.5, 0.999),
+                    adv_decouple_wd=True, disc_head='full', disc_joint=True)
 
 def settings_for(paper:bool=False, # the paper's settings instead of the library's defaults
                  **given): # settings given explicitly (`None`: not given)
@@ -40,7 +40,11 @@ def settings_for(paper:bool=False, # the paper's settings instead of the library
     base = paper_settings if paper else defaults
     unknown = set(given) - set(base)
     if unknown: raise TypeError(f"Unknown setting(s) {', '.join(sorted(unknown))}: the settings are {', '.join(base)}")
-    return AttrDict(base, **{k: v for k, v in given.items() if v is not None})
+    s = AttrDict(base, **{k: v for k, v in given.items() if v is not None})
+    if s.adv_weight != 'adam' and (isinstance(s.adv_weight, str) or s.adv_weight < 0):
+        raise ValueError(f"adv_weight={s.adv_weight!r}: give λ ≥ 0 (the generator loss's weight in the networks' loss) "
+                         f"or 'adam' (the paper's second Adam steps the feature extractors)")
+    return s
 
 # %% ../nbs/03a_methods.ipynb #b3896550
 class DistillMethod:

@@ -2,23 +2,26 @@
 
 Every run of one seed starts from the same initial weights and the same batches, so methods can be compared seed by
 seed (paired differences). Rows are appended to `--out` as they finish; a row already there is not run again, so an
-interrupted sweep continues where it stopped.
+interrupted sweep continues where it stopped. AFD rows also hold the last epoch's `d_loss` and `g_loss` and whether
+the divergence guard warned (`adv_warned`).
 
     python benchmarks/short_schedules.py --regime noisy --nets resnet20,resnet20 --methods vanilla,dml,kd,afd \\
         --epochs 2,5,10,30 --seeds 0,1,2,3,4 --out short.csv
     python benchmarks/short_schedules.py --summary short.csv   # the tables: mean ± std and paired differences
 
 Regimes: `all` (every training image, clean labels) and `noisy` (the demo's: 20 images per class, 40 % of the labels
-wrong); both 16×16 digits, batch 64 and 32 (`--size`, `--bs` change that). `--tag NAME --settings "T=1;distill_warmup=0.3"`
+wrong); both 16×16 digits, batch 64 and 32 (`--size`, `--bs` change that; another size is recorded as e.g.
+`all_32px`). `--tag NAME --settings "T=1;distill_warmup=0.3"`
 passes other `afd_learner` settings, recorded under NAME; `--paper` builds the paper-faithful learners.
 """
-import ast, csv, time
+import ast, csv, time, warnings
 from pathlib import Path
 import pandas as pd
 from fastcore.script import call_parse
 from fastai.torch_core import set_seed
 from afd_fastai.data import digits_dls
 from afd_fastai.learner import afd_learner
+from afd_fastai.adversarial import AdversarialDivergenceWarning
 from afd_fastai.experiment import markdown_table, paired
 
 regimes = dict(all=dict(n_per_class=None, label_noise=0., bs=64), # digits_dls' defaults but 16×16
@@ -28,7 +31,7 @@ def parse_settings(text:str):
     "'a=1;b=x;c=(1, 2)' → {'a': 1, 'b': 'x', 'c': (1, 2)}"
     out = {}
     text = text or ''
-    for part in filter(None, text.split(';' if ';' in text else ',')):
+    for part in filter(None, text.split(';')):
         k, v = part.split('=')
         try: out[k.strip()] = ast.literal_eval(v.strip())
         except (ValueError, SyntaxError): out[k.strip()] = v.strip()
@@ -43,7 +46,10 @@ def one_run(regime, nets, method, epochs, seed, size=16, bs=None, lr=0.05, **set
     start = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
     values = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
-    return {k: float(v) for k, v in values.items() if k.startswith('acc_')}, time.time() - start
+    accs = {k: float(v) for k, v in values.items() if k.startswith('acc_')}
+    adv = getattr(learn, 'adversarial_feature', None) # AFD: the last epoch's losses, and whether the guard warned
+    game = {} if adv is None else dict(d_loss=values['d_loss'], g_loss=values['g_loss'], adv_warned=int(adv.warned))
+    return accs, game, time.time() - start
 
 def _done(out):
     if not Path(out).exists(): return set()
@@ -77,15 +83,19 @@ def main(regime:str='noisy', # 'all' images with clean labels, or the demo's 'no
     extra = parse_settings(settings)
     if paper: extra['paper'] = True
     done = _done(out)
+    name = regime if size == 16 else f"{regime}_{size}px" # the regime's name in the results
     for n_epochs in map(int, epochs.split(',')):
         for method in methods.split(','):
             for seed in map(int, seeds.split(',')):
-                if (regime, nets, method, tag, n_epochs, seed) in done: continue
-                accs, secs = one_run(regime, nets.split(','), method, n_epochs, seed, size, bs, lr, **extra)
-                row = dict(regime=regime, nets=nets, method=method, tag=tag, epochs=n_epochs, seed=seed,
+                if (name, nets, method, tag, n_epochs, seed) in done: continue
+                with warnings.catch_warnings(): # the guard's warning is recorded in the row (adv_warned)
+                    warnings.simplefilter('ignore', AdversarialDivergenceWarning)
+                    accs, game, secs = one_run(regime, nets.split(','), method, n_epochs, seed, size, bs, lr, **extra)
+                row = dict(regime=name, nets=nets, method=method, tag=tag, epochs=n_epochs, seed=seed,
                            acc_avg=accs.get('acc_avg', next(iter(accs.values()))), acc_ens=accs.get('acc_ens', float('nan')),
                            acc_nets=';'.join(f"{v:.4f}" for k, v in accs.items() if k not in ('acc_avg', 'acc_ens')),
-                           seconds=round(secs, 1))
+                           seconds=round(secs, 1), d_loss=game.get('d_loss', ''), g_loss=game.get('g_loss', ''),
+                           adv_warned=game.get('adv_warned', ''))
                 _append(out, row)
                 print(f"{regime} {nets} {method}/{tag} {n_epochs} ep seed {seed}: acc_avg {100 * row['acc_avg']:.1f} "
                       f"({secs:.0f} s)", flush=True)

@@ -115,8 +115,9 @@ def test_validation_never_touches_the_discriminators(small_digits):
     for h in hooks: h.remove()
 
 
-def test_lr_find_neither_creates_nor_steps_the_second_optimiser(small_digits):
-    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], paper=True)
+@pytest.mark.parametrize('paper', [True, False])
+def test_lr_find_neither_creates_nor_steps_the_second_optimiser(small_digits, paper):
+    learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], paper=paper)
     before = deepcopy(learn.model.state_dict())
     with learn.no_bar(): learn.lr_find(num_it=8, show_plot=False)
     assert learn.adversarial_feature.adv_opt is None
@@ -141,18 +142,19 @@ class StopAfterEpoch(Callback):
     def after_epoch(self):
         if self.epoch == self.stop_epoch: raise CancelFitException()
 
-def test_save_load_continue_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize('paper', [True, False])
+def test_save_load_continue_equals_uninterrupted(tmp_path, paper):
     dls = _resume_setup(tmp_path)
     set_seed(1)
-    straight = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True)
+    straight = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=paper)
     init = deepcopy(straight.model.state_dict())
     with straight.no_bar(), straight.no_logging(): straight.fit_one_cycle(4, 0.05)
 
-    first = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True)
+    first = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=paper)
     first.model.load_state_dict(init)
     with first.no_bar(), first.no_logging():
         first.fit_one_cycle(4, 0.05, cbs=[CheckpointCallback('ck'), StopAfterEpoch(1)]) # stops after 2 of 4 epochs
-    resumed = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True).load('ck')
+    resumed = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=paper).load('ck')
     cb = resumed.adversarial_feature
     assert cb.adv_opt is not None and cb.adv_opt.hypers[0]['lr'] == pytest.approx(1e-4) # 25 % milestone passed
     with resumed.no_bar(), resumed.no_logging(): resumed.fit_one_cycle(4, 0.05, start_epoch=2)
@@ -161,19 +163,20 @@ def test_save_load_continue_equals_uninterrupted(tmp_path):
     torch.testing.assert_close(cb.adv_opt.state_dict()['state'], straight.adversarial_feature.adv_opt.state_dict()['state'],
                                rtol=1e-4, atol=1e-6)
     # and without the second optimiser's state the resumed run would differ: the check can fail
-    fresh = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=True).load('ck', with_opt=False)
+    fresh = afd_learner(dls, ['resnet20', 'wrn16_2'], adv_lr=1e-3, path=tmp_path, paper=paper).load('ck', with_opt=False)
     with fresh.no_bar(), fresh.no_logging(): fresh.fit_one_cycle(4, 0.05, start_epoch=2)
     assert any(not torch.allclose(v, straight.model.state_dict()[k], rtol=1e-4, atol=1e-5)
                for k, v in fresh.model.state_dict().items() if v.is_floating_point())
 
 
-def test_save_model_callback_keeps_the_second_optimiser(small_digits, tmp_path):
-    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=True)
+@pytest.mark.parametrize('paper', [True, False])
+def test_save_model_callback_keeps_the_second_optimiser(small_digits, tmp_path, paper):
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=paper)
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.02, cbs=SaveModelCallback(fname='best', with_opt=True))
     state = torch.load(tmp_path/'models'/'best.pth', weights_only=False)
     assert set(state) == {'model', 'opt'} and state['opt']['second'] is not None # fastai's format, both optimisers in 'opt'
     assert any(k.startswith('adversaries.') for k in state['model'])
-    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=True).load('best')
+    other = afd_learner(small_digits, ['resnet20', 'resnet20'], path=tmp_path, paper=paper).load('best')
     torch.testing.assert_close(other.adversarial_feature.adv_opt.state_dict()['state'], state['opt']['second']['state'])
 
 

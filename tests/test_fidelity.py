@@ -211,13 +211,13 @@ def test_the_papers_defaults():
 
 
 def test_the_library_defaults():
-    "Without paper=True: warm-up 0.3, λ = 1 through SGD, AdamW(β1 0.5) at 2e-4 on the discriminators only, full-map joint D"
+    "Without paper=True: warm-up 0.3, λ = 0.3 through SGD, AdamW(β1 0.5) at 2e-4 on the discriminators only, full-map joint D"
     dls = digits_dls(size=16, n_per_class=3, bs=30)
     learn = afd_learner(dls, ['resnet20', 'resnet20'])
     learn.create_opt()
     assert learn.distill.T == 3. and learn.distill.weight == 1. and learn.distill.warmup == 0.3
     adv = learn.adversarial_feature
-    assert (adv.lr, adv.wd, adv.milestones, adv.gen_weight, adv.warmup) == (2e-4, 0.1, (), 1., 0.3)
+    assert (adv.lr, adv.wd, adv.milestones, adv.gen_weight, adv.warmup) == (2e-4, 0.1, (0.25, 0.5), 0.3, 0.3)
     second = adv.make_opt()
     h = second.hypers[0]
     assert (h['mom'], h['sqr_mom'], h['wd']) == (0.5, 0.999, 0.1)
