@@ -307,13 +307,14 @@ class AdversarialBackoff(Callback):
                 cb.lr_scale,cb.losing = max(cb.lr_scale * self.factor, self.min_scale),0
                 self.learn.recorder.adv_backoffs.append((self.epoch, self.iter, cb.schedule(self.pct_train) * cb.lr_scale))
 
-# %% ../nbs/05_adversarial.ipynb #59e9b914
+# %% ../nbs/05_adversarial.ipynb #8b73dddb
 @patch
-def plot_adversarial(self:Recorder, skip_start:int=0):
+def plot_adversarial(self:Recorder, skip_start:int=0,
+                     ax=None): # a matplotlib axis to draw on (None: a new figure)
     "Plot the adversarial losses of every training batch of the last fit"
     import matplotlib.pyplot as plt
     if not len(getattr(self, 'd_losses', [])): raise ValueError("No adversarial losses recorded: fit an AFD learner first")
-    fig, ax = plt.subplots()
+    if ax is None: fig, ax = plt.subplots()
     ax.plot(list(range(skip_start, len(self.d_losses))), self.d_losses[skip_start:], label='d_loss (discriminators)')
     ax.plot(list(range(skip_start, len(self.g_losses))), self.g_losses[skip_start:], label='g_loss (feature extractors)')
     ax.set_xlabel('batch'); ax.set_ylabel('LSGAN loss'); ax.legend()

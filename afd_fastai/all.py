@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/11_all.ipynb #ee014806
+# %% ../nbs/11_all.ipynb #ad37cedb
 from .models import *
 from .core import *
 from .losses import *
@@ -20,9 +20,10 @@ from .learner import *
 from .data import *
 from .baselines import *
 from .presets import *
+from .interpret import *
 from .experiment import run_experiment, make_dls
 from . import (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics, learner,
-                        data, baselines, presets)
+                        data, baselines, presets, interpret)
 __all__ = [name for module in (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics,
-                               learner, data, baselines, presets)
+                               learner, data, baselines, presets, interpret)
            for name in module.__all__] + ['run_experiment', 'make_dls']

@@ -218,7 +218,7 @@ def add_method_modules(model:PeerModel, method:DistillMethod, topology, disc_hea
     makers = {**method.edge_modules, **({'adversaries': adversary} if method.adversarial else {})}
     for name, make in makers.items(): model.add_edge_modules(name, edges, make)
 
-# %% ../nbs/08_learner.ipynb #6a985961
+# %% ../nbs/08_learner.ipynb #4869cd23
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -231,12 +231,12 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 T:float=None, # distillation temperature (default: 3)
                 kd_weight:float=None, # weight of the logit-level distillation term (default: 1)
                 distill_warmup:float=None, # fraction of training over which every distillation weight ramps up from 0 (default: 0.3; paper: 0)
-                adv_weight:float=None, # AFD: λ of the students' generator loss in the Learner's loss (default: 1; paper: 'adam', a second Adam steps them)
+                adv_weight:float=None, # AFD: λ of the students' generator loss in the Learner's loss (default: 0.3; paper: 'adam', a second Adam steps them)
                 adv_lr:float=None, # AFD: the second optimiser's lr (default: 2e-4; paper: 2e-5)
                 adv_betas:tuple=None, # AFD: its Adam betas (default: (0.5, 0.999); paper: (0.9, 0.999))
                 adv_wd:float=None, # AFD: its weight decay (0.1)
                 adv_decouple_wd:bool=None, # AFD: decoupled weight decay (default: True; paper: False)
-                adv_milestones=None, # AFD: fractions of training where its lr is multiplied by 0.1 (default: none; paper: 0.25, 0.5)
+                adv_milestones=None, # AFD: fractions of training where its lr is multiplied by 0.1 (default and paper: 0.25, 0.5)
                 adv_lr_steps:int=None, # AFD: scale adv_lr by adv_lr_steps / the fit's batches
                 disc_head:str=None, # AFD: the discriminator's last conv, 'full' (the map's size) or 'pool' (paper: 3×3, averaged)
                 disc_joint:bool=None, # AFD: real and fake maps in one BatchNorm batch (default: True; paper: False)
