@@ -14,6 +14,7 @@ lic = licenses[cfg['license']]
 min_python = cfg['min_python']
 requirements = cfg.get('requirements', '').split()
 dev_requirements = cfg.get('dev_requirements', '').split()
+docs_requirements = cfg.get('docs_requirements', '').split()
 scripts = [s.strip() for s in cfg.get('console_scripts', '').split('\n') if s.strip()]
 readme = Path(__file__).parent/'README.md'
 
@@ -35,7 +36,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'docs': dev_requirements + docs_requirements},
     python_requires='>=' + min_python,
     zip_safe=False,
     entry_points={'console_scripts': scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},

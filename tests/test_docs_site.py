@@ -1,0 +1,105 @@
+"The docs site, built by `afd_docs`'s code, served on localhost and read in headless Chromium"
+import functools, re, shutil, threading, urllib.request
+from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
+from pathlib import Path
+from urllib.parse import urljoin, urldefrag, urlparse
+import pytest
+
+ARTEFACTS = Path(__file__).parent/'artefacts'
+API_NAMES = {'learner.html': ['afd_learner', 'AFDLearner'], 'adversarial.html': ['AdversarialFeatureCallback'],
+             'core.html': ['PeerModel'], 'data.html': ['digits_dls']}
+
+def _chromium():
+    "Headless Chromium through Selenium, with the browser's console log"
+    from selenium import webdriver
+    browser, driver = shutil.which('chromium') or shutil.which('chromium-browser'), shutil.which('chromedriver')
+    if not (browser and driver):
+        pytest.fail("The docs test needs Chromium and its driver: apt-get install chromium chromium-driver (.ci/run does)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for arg in ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--window-size=1280,1000']:
+        opts.add_argument(arg)
+    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args): pass
+
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    "The site built into a temporary folder and served on a free localhost port"
+    from afd_fastai.docs import build_site
+    dest = tmp_path_factory.mktemp('site')
+    pages = build_site(dest)
+    server = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Quiet, directory=str(dest)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{server.server_port}/', dest, pages
+    server.shutdown()
+
+@pytest.fixture(scope='module')
+def browser():
+    driver = _chromium()
+    yield driver
+    driver.quit()
+
+def _ids(html): return set(re.findall(r'\bid="([^"]+)"', html))
+
+def test_every_page_loads_links_resolve_images_render(site, browser):
+    root, dest, pages = site
+    ARTEFACTS.mkdir(exist_ok=True)
+    names = ['index'] + [name for _, name, _ in pages]
+    assert {'learner', 'adversarial', 'core', 'data', 'short_schedules'} <= set(names)
+    ids, links, errors, images = {}, [], [], {}
+    for name in names:
+        url = urljoin(root, f'{name}.html')
+        browser.get(url)
+        html = browser.page_source
+        ids[f'{name}.html'] = _ids(html)
+        errors += [(name, e['message']) for e in browser.get_log('browser') if e['level'] == 'SEVERE']
+        hrefs = browser.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
+        links += [(name, h) for h in hrefs if urlparse(h).netloc == urlparse(root).netloc]
+        images[name] = browser.execute_script("return [...document.images].map(i => [i.src, i.complete ? i.naturalWidth : 0])")
+        if name == 'index': browser.save_screenshot(str(ARTEFACTS/'landing.png'))
+        if name == 'short_schedules': browser.save_screenshot(str(ARTEFACTS/'tutorial.png'))
+    assert not errors, f"Console errors: {errors[:5]}"
+    broken = []
+    for page, href in links:
+        target, anchor = urldefrag(href)
+        path = urlparse(target).path.lstrip('/') or 'index.html'
+        if path.endswith('/'): path += 'index.html'
+        if not (dest/path).is_file(): broken.append((page, href)); continue
+        if anchor and path.endswith('.html'):
+            if path not in ids: ids[path] = _ids((dest/path).read_text(encoding='utf-8'))
+            if anchor not in ids[path]: broken.append((page, href))
+    assert len(links) > 200 and not broken, f"{len(broken)} broken internal links, e.g. {broken[:5]}"
+    assert sum(map(len, images.values())) >= 2, "the pages show no images"
+    empty = [(name, src) for name, imgs in images.items() for src, width in imgs if not width]
+    assert not empty, f"Images that did not render: {empty[:5]}"
+    assert (ARTEFACTS/'landing.png').stat().st_size > 10_000 and (ARTEFACTS/'tutorial.png').stat().st_size > 10_000
+
+def test_api_pages_hold_the_signatures(site, browser):
+    root, dest, _ = site
+    for page, names in API_NAMES.items():
+        browser.get(urljoin(root, page))
+        text = browser.find_element('tag name', 'body').text
+        for name in names: assert f'{name}(' in text, f"{page} lacks the signature of {name}"
+        assert '| **Type** |' not in text and 'Details' in text # the parameter table is rendered as a table
+    browser.get(urljoin(root, 'search.html?q=discriminator'))
+    assert 'Search' in browser.title
+
+def test_every_public_name_is_on_its_api_page(site):
+    "Functions and classes under a `show_doc` heading (their anchor), other public names in the page's text"
+    import importlib, inspect
+    root, dest, pages = site
+    api = [name for section, name, _ in pages if section == 'API' and name != 'all']
+    assert len(api) >= 17
+    missing = []
+    for page in api:
+        mod = importlib.import_module(f'afd_fastai.{page}')
+        html = (dest/f'{page}.html').read_text(encoding='utf-8')
+        ids = _ids(html)
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            documented = name.lower() in ids if inspect.isfunction(obj) or inspect.isclass(obj) else f'>{name}<' in html
+            if not documented: missing.append(f'{page}.{name}')
+    assert not missing, f"Public names without documentation on their page: {missing}"
