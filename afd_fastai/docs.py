@@ -103,7 +103,7 @@ def sphinx_notebook(nb:dict, # a notebook processed by `nbdev_proc_nbs`
     name = Path(meta.get('output-file', meta['title'])).stem
     return name, meta['title'], {**nb, 'cells': cells}
 
-# %% ../nbs/17_docs.ipynb #f4c1f0a3
+# %% ../nbs/17_docs.ipynb #414f5706
 def _kind(path:Path, nbs:Path):
     if 'tutorials' in path.relative_to(nbs).parts[:-1]: return 'Tutorials'
     return 'API' if '#| default_exp' in path.read_text(encoding='utf-8') else 'Guides'
@@ -147,10 +147,15 @@ def build_site(dest='docs', # where the HTML goes
     from sphinx.cmd.build import build_main
     cfg = get_config()
     root, nbs = cfg.config_path, cfg.path('nbs_path')
+    dest = root/dest
+    others = [p.name for p in dest.iterdir() if p.name != 'README.md'] if dest.is_dir() else []
+    if others and not (dest/'searchindex.js').exists(): # the build replaces what is there: only ever a former build
+        raise FileExistsError(f"{dest} holds files that are not a site built by afd_docs ({', '.join(sorted(others)[:3])}, ...): "
+                              "give an empty or new folder, or the folder of a former build")
     if proc:
         from nbdev.serve import proc_nbs # nbdev's processing, without its Quarto install and sidebar steps
         proc_nbs(n_workers=0)
-    procd, src, dest = root/'_proc', root/'_docs_src', root/dest
+    procd, src = root/'_proc', root/'_docs_src'
     if not procd.exists(): raise FileNotFoundError(f"No processed notebooks in {procd}: run with proc=True")
     for old in [*src.glob('*.ipynb'), *src.glob('*.md')]: old.unlink() # pages of the last build (Sphinx's cache in _build stays)
     src.mkdir(parents=True, exist_ok=True)
@@ -179,12 +184,9 @@ def build_site(dest='docs', # where the HTML goes
     (dest/'.nojekyll').touch()
     return pages
 
-# %% ../nbs/17_docs.ipynb #ee9fbc1a
-def _is_progress(out):
-    html_out = ''.join(out.get('data', {}).get('text/html', ''))
-    return '<progress' in html_out or 'class="fastprogress"' in html_out
-
+# %% ../nbs/17_docs.ipynb #af671d6e
 def _html(out): return ''.join(out.get('data', {}).get('text/html', ''))
+def _is_progress(out): return '<progress' in _html(out) or 'class="fastprogress"' in _html(out)
 
 def keep_last_progress(outputs:list):
     "Each run of fastprogress redrawings reduced to its last drawing, kept only where it holds a table"
