@@ -141,4 +141,5 @@ def test_interpretation_get_preds_with_loss_tta_and_show_results(dls):
     equal(t0.shape, p0.shape); equal(tt, targs)
     (a0, a1), (b0, b1) = learn.tta(n=2, beta=None)[0]
     close(b0, p0, eps=1e-5)
-    learn.show_results(max_n=4)
+    learn.show_results(max_n=4) # the ensemble's predictions
+    learn.peer('wrn16_2').show_results(max_n=4) # one network's, through its plain fastai Learner
