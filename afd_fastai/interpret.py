@@ -5,10 +5,9 @@
 # %% auto #0
 __all__ = ['peer_history', 'gradcam_maps', 'show_gradcam']
 
-# %% ../nbs/16_interpret.ipynb #5b165b9d
+# %% ../nbs/16_interpret.ipynb #6dc55bdf
 import torch, torch.nn.functional as F, pandas as pd
 from fastcore.basics import patch, listify
-from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastai.callback.hook import hook_output
 from fastai.torch_core import show_image, to_device, to_cpu
@@ -47,7 +46,7 @@ def plot_peer_metrics(self:Recorder, prefix:str='acc', # the columns' prefix (se
     fig.tight_layout()
     return axs[0]
 
-# %% ../nbs/16_interpret.ipynb #d97c8094
+# %% ../nbs/16_interpret.ipynb #d1350c62
 def _cam(fmap, grads, size):
     "Grad-CAM from a B×C×h×w map and its gradient: B×H×W, each scaled to [0, 1]"
     cam = F.relu((grads.mean((2, 3), keepdim=True) * fmap).sum(1, keepdim=True))
@@ -64,9 +63,9 @@ def gradcam_maps(learn, xb, # a batch of images as the model takes them (normali
     if xb.ndim != 4: raise ValueError(f"Expected a batch of images B×C×H×W, got a tensor of shape {tuple(xb.shape)}")
     if None in model.feature_layers:
         with torch.no_grad(): model.setup(xb)
-    modules = [model._feature_module(k) if layers is None or layers[k] is None else model.models[k].get_submodule(layers[k])
-               for k in range(len(model.models))] if layers is None or len(listify(layers)) == len(model.models) else None
-    if modules is None: raise ValueError(f"Give one layer per network ({len(model.models)}), got {len(listify(layers))}")
+    layers = [None] * len(model.models) if layers is None else listify(layers)
+    if len(layers) != len(model.models): raise ValueError(f"Give one layer per network ({len(model.models)}), got {len(layers)}")
+    modules = [model._feature_module(k) if l is None else model.models[k].get_submodule(l) for k, l in enumerate(layers)]
     was_training = model.training
     model.eval()
     try:
