@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['model_zoo', 'BodyHeadNet', 'pool_linear_head', 'conv3x3', 'BasicBlock', 'cifar_resnet', 'resnet20', 'resnet32',
            'resnet44', 'resnet56', 'resnet110', 'WideBlock', 'wide_resnet', 'wrn16_2', 'wrn16_4', 'wrn28_2', 'wrn28_4',
-           'wrn28_10', 'wrn40_2', 'zoo_model']
+           'wrn28_10', 'wrn40_2', 'cifar10s_net', 'zoo_model']
 
 # %% ../nbs/00_models.ipynb #ebba8181
 from collections import OrderedDict
@@ -125,9 +125,24 @@ def wrn40_2(n_out=100, **kwargs):
     "WRN-40-2 (2.26M parameters with 100 classes)"
     return wide_resnet(40, 2, n_out, **kwargs)
 
-# %% ../nbs/00_models.ipynb #4f94f20f
+# %% ../nbs/00_models.ipynb #f8efad7a
+def cifar10s_net(n_out:int=10, # number of classes
+                 size:int=32, # input height and width (a multiple of 8): the first linear layer is sized from it
+                 n_in:int=3, drop:float=0.25):
+    "The 6-conv CIFAR-10S network of MFD (no BatchNorm); `penultimate` names its 256-d feature layer"
+    if size % 8: raise ValueError(f"cifar10s_net pools three times by 2: size must be a multiple of 8, got {size}")
+    def block(c_in, c_out): return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
+                                    nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(inplace=True),
+                                    nn.MaxPool2d(2), nn.Dropout(drop)]
+    body = nn.Sequential(*block(n_in, 32), *block(32, 64), *block(64, 128))
+    head = nn.Sequential(nn.Flatten(), nn.Linear(128 * (size // 8) ** 2, 256), nn.ReLU(inplace=True), nn.Linear(256, n_out))
+    net = BodyHeadNet(body, head, arch='cifar10s_net')
+    net.penultimate = 'head.2'
+    return net
+
+# %% ../nbs/00_models.ipynb #e961609a
 model_zoo = {f.__name__: f for f in (resnet20, resnet32, resnet44, resnet56, resnet110,
-                                     wrn16_2, wrn16_4, wrn28_2, wrn28_4, wrn28_10, wrn40_2)}
+                                     wrn16_2, wrn16_4, wrn28_2, wrn28_4, wrn28_10, wrn40_2, cifar10s_net)}
 
 def zoo_model(name:str, n_out:int=100, **kwargs):
     "Build the zoo network called `name` with `n_out` classes."
