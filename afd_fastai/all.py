@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/11_all.ipynb #ad37cedb
+# %% ../nbs/11_all.ipynb #392f0fad
 from .models import *
 from .core import *
 from .losses import *
@@ -21,9 +21,12 @@ from .data import *
 from .baselines import *
 from .presets import *
 from .interpret import *
+from .groups import *
+from .fair_data import *
+from .fair import *
 from .experiment import run_experiment, make_dls
 from . import (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics, learner,
-                        data, baselines, presets, interpret)
+                        data, baselines, presets, interpret, groups, fair_data, fair)
 __all__ = [name for module in (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics,
-                               learner, data, baselines, presets, interpret)
+                               learner, data, baselines, presets, interpret, groups, fair_data, fair)
            for name in module.__all__] + ['run_experiment', 'make_dls']

@@ -154,7 +154,7 @@ class PeerModel(nn.Module):
         state['feature_maps'] = None # activations of the last batch are not part of the model
         return state
 
-# %% ../nbs/01_core.ipynb #c6a29502
+# %% ../nbs/01_core.ipynb #66ec26d6
 @patch
 def add_edge_modules(self:PeerModel, name:str, # the container's attribute name, e.g. 'adversaries'
                      edges, # (teacher, student) pairs, e.g. `Topology.edges`
@@ -163,7 +163,7 @@ def add_edge_modules(self:PeerModel, name:str, # the container's attribute name,
     if self.feature_shapes is None:
         raise RuntimeError("Call model.setup(x) with a batch first: it finds the feature-map shapes the modules are sized by")
     for k, shape in enumerate(self.feature_shapes):
-        if len(shape) != 3:
+        if len(shape) != 3 and getattr(make, 'needs_maps', True): # a maker with needs_maps=False takes flat features too
             raise ValueError(f"The feature map of network {k} ({self.names[k]}) has shape {shape} per item; "
                              "feature-level distillation needs a C×H×W map: name a convolutional layer with feature_layers=[...]")
     edges = [tuple(e) for e in edges]

@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['aligners', 'cyclic_from_three', 'adversarial_callback', 'method_callbacks', 'torchvision_models', 'known_model',
-           'resolve_model', 'AFDLearner', 'build_peer_model', 'add_method_modules', 'afd_learner', 'CheckpointCallback']
+           'resolve_model', 'AFDLearner', 'build_peer_model', 'add_method_modules', 'check_feature_maps', 'afd_learner',
+           'CheckpointCallback']
 
-# %% ../nbs/08_learner.ipynb #1fb139c2
+# %% ../nbs/08_learner.ipynb #e2ed74da
 import inspect, os
 from functools import partial
 import torch
@@ -32,6 +33,8 @@ from .distill import DistillCallback
 from .adversarial import AdversarialFeatureCallback, FeatureAdversary, PeerOptimizer
 from .topology import as_topology
 from .metrics import peer_metrics
+from .groups import GroupTarget, fairness_metrics
+from .adversarial import shared_size
 from .baselines import (EnsembleKDCallback, AlternatingDMLCallback, FeatureAligner, FeatureAlignCallback,
                                   FrozenTeacherCallback, OneModel, OneCallback, load_teacher)
 
@@ -61,7 +64,10 @@ register_method('l1_kd_offline', DistillMethod("Offline L1 + KD: a frozen teache
                                                callbacks=FrozenTeacherCallback, topology='from_teacher', offline=True))
 register_method('vanilla', DistillMethod("Each network alone, on the same batches", topology=None));
 
-# %% ../nbs/08_learner.ipynb #458b79ff
+# %% ../nbs/08_learner.ipynb #756060d0
+from . import fair # after these: registers the fairness methods (mfd, hkd, fitnet, at, nst, ad, ss, ...)
+
+# %% ../nbs/08_learner.ipynb #3c52e22e
 def _build(cls, **settings):
     "`cls` made with the settings its constructor takes (`weight`: the setting `cls.weight_setting` names)"
     if hasattr(cls, 'weight_setting'): settings['weight'] = settings[cls.weight_setting]
@@ -78,8 +84,8 @@ def adversarial_callback(topology, s:dict):
 
 def method_callbacks(method:DistillMethod, topology, align_weight:float=1., paper:bool=False, **given):
     "The callbacks that train `method` on `topology` with the settings `settings_for(paper, **given)`"
-    s = settings_for(paper, **given)
-    settings = dict(T=s.T, kd_weight=s.kd_weight, align_weight=align_weight, topology=topology)
+    s = settings_for(paper, method, **given)
+    settings = dict(s, align_weight=align_weight, topology=topology)
     cbs = [_build(cls, **settings) for cls in method.callbacks]
     terms = [_build(cls, **settings) for cls in method.terms if settings[cls.weight_setting]]
     for term in terms: term.warmup = s.distill_warmup
@@ -117,17 +123,18 @@ def resolve_model(given, n_out:int=None):
         return given()
     raise TypeError(f"Cannot make a network from {given!r}: give an nn.Module, a zoo name or a constructor")
 
-# %% ../nbs/08_learner.ipynb #f51af56a
+# %% ../nbs/08_learner.ipynb #a96db989
 class AFDLearner(Learner):
     "A `Learner` training the networks of a `PeerModel` together"
     @property
     def names(self): return self.model.names
 
     def create_opt(self):
-        "fastai's optimiser, holding also the second optimiser of an adversarial method"
+        "fastai's optimiser, holding also the second optimiser of a method that has one (AFD's discriminators, AD's adversaries)"
         super().create_opt()
-        adversarial = [cb for cb in self.cbs if isinstance(cb, AdversarialFeatureCallback)]
-        if adversarial: self.opt = PeerOptimizer(self.opt, adversarial[0].make_opt)
+        second = [cb for cb in self.cbs if hasattr(cb, 'make_opt')]
+        if len(second) > 1: raise ValueError(f"Only one callback may bring a second optimiser, got {', '.join(type(cb).__name__ for cb in second)}")
+        if second: self.opt = PeerOptimizer(self.opt, second[0].make_opt)
 
     def peer(self, k, # index or name of the network
              metrics=accuracy, **kwargs):
@@ -186,7 +193,7 @@ def _read_legacy(file):
     second = state['callbacks'].get('adversarial_feature', {}).get('opt')
     return dict(model=state['model'], opt=state['opt'], second=second)
 
-# %% ../nbs/08_learner.ipynb #324acee8
+# %% ../nbs/08_learner.ipynb #87f70dcd
 def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_layers=None, names=None, teacher=None):
     "The method's model of `models` (a frozen `teacher` first for offline methods), set up by one probe forward on `dls`"
     data_c = getattr(dls, 'c', None)
@@ -200,25 +207,44 @@ def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_
         nets = [load_teacher(teacher)] + nets
         if names is None: names = ['teacher'] + [model_name(m) for m in nets[1:]]
     elif teacher is not None:
-        raise ValueError(f"teacher= is for the offline methods (kd_offline, l1_kd_offline); {method.name} trains every network")
+        offline = ', '.join(k for k, m in distill_methods.items() if m.offline)
+        raise ValueError(f"teacher= is for the offline methods ({offline}); {method.name} trains every network")
+    if feature_layers is None and method.features == 'penultimate': # a network's own penultimate layer, where it names one
+        feature_layers = [getattr(m, 'penultimate', None) for m in nets]
     model = (method.model or PeerModel)(nets, feature_layers=feature_layers, names=names)
     x = dls.valid.one_batch()[0][:2] if len(dls.valid) else dls.train.one_batch()[0][:2]
     model.to(x.device).setup(x)
     want = n_out or model.n_outputs[0]
     for k, size in enumerate(model.n_outputs):
+        if size != want and method.offline and k == 0:
+            raise ValueError(f"The teacher outputs {size} classes but the data has {want}: give a teacher trained on these classes")
         if size != want:
             raise ValueError(f"Network {k} ({model.output_names[k]}) outputs {size} classes but {want} are expected "
                              f"(the data's class count, or network 0's): build every network with n_out={want}")
     return model
 
-def add_method_modules(model:PeerModel, method:DistillMethod, topology, disc_head:str='pool', disc_joint:bool=False):
-    "The per-edge modules `method` adds to `model` on `topology` (discriminators, alignment layers)"
+def add_method_modules(model:PeerModel, method:DistillMethod, topology, disc_head:str='pool', disc_joint:bool=False,
+                       n_groups:int=None, # the data's number of sensitive groups (methods that need groups)
+                       settings:dict=None): # the learner's settings, for `method.model_modules`
+    "The modules `method` adds to `model` on `topology`: per edge (discriminators, alignment layers, regressors), and once"
     edges = as_topology(topology, len(model.models)).edges
+    if method.features == 'map': check_feature_maps(model, edges, method.name)
     adversary = partial(FeatureAdversary, head=disc_head, joint=disc_joint)
     makers = {**method.edge_modules, **({'adversaries': adversary} if method.adversarial else {})}
     for name, make in makers.items(): model.add_edge_modules(name, edges, make)
+    device = next(model.parameters()).device
+    for name, make in method.model_modules.items():
+        setattr(model, name, _build(make, model=model, n_classes=model.n_outputs[0], n_groups=n_groups, **(settings or {})).to(device))
 
-# %% ../nbs/08_learner.ipynb #4869cd23
+def check_feature_maps(model:PeerModel, edges, what:str='this method'):
+    "Raise a clear error unless every network on `edges` has a C×H×W feature map and each edge's maps can be matched"
+    for k, shape in enumerate(model.feature_shapes):
+        if len(shape) != 3:
+            raise ValueError(f"{what} compares conv feature maps, but network {k} ({model.names[k]}) gives a feature of shape "
+                             f"{shape} per item: name a convolutional layer with feature_layers=[...]")
+    for t, s in edges: shared_size(model.feature_shapes[s][1:], model.feature_shapes[t][1:], model.names[s], model.names[t])
+
+# %% ../nbs/08_learner.ipynb #47122c31
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -241,7 +267,15 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 disc_head:str=None, # AFD: the discriminator's last conv, 'full' (the map's size) or 'pool' (paper: 3×3, averaged)
                 disc_joint:bool=None, # AFD: real and fake maps in one BatchNorm batch (default: True; paper: False)
                 align_weight:float=1., # l1, l1_kd, l1_kd_offline: weight of the L1 feature-map term
-                teacher=None, # kd_offline, l1_kd_offline: the trained teacher (an `nn.Module` or a file holding one)
+                teacher=None, # offline methods (kd_offline, mfd, hkd, ...): the trained teacher (an `nn.Module` or a file holding one)
+                kd_anneal:bool=None, # hkd, fitnet: the KD weight decays linearly to 0 (default: True)
+                hint_weight:float=None, # fitnet: weight of the hint (½·MSE between features; default 1)
+                at_weight:float=None, # at: λ of the attention-map term (default 1)
+                nst_weight:float=None, # nst: λ of the neuron-selectivity MMD (default 30)
+                mfd_weight:float=None, # mfd: λ of the per class × group MMD (default 3)
+                mfd_sigma:float=None, # mfd: the kernel's bandwidth factor σ (default 1)
+                ad_weight:float=None, # ad: λ of the adversaries' (reversed) loss (default 1e-3)
+                ad_lr:float=None, # ad: the adversaries' Adam lr (default 3e-3)
                 loss_parts:bool=False, # also show each network's validation cross-entropy as a column
                 opt_func=paper_sgd, lr:float=paper.lr, wd:float=paper.wd, wd_bn_bias:bool=True, metrics=None, cbs=None,
                 **kwargs):
@@ -249,17 +283,26 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     if method not in distill_methods:
         raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(distill_methods)}")
     declared = distill_methods[method]
-    s = settings_for(paper, T=T, kd_weight=kd_weight, distill_warmup=distill_warmup, adv_weight=adv_weight, adv_lr=adv_lr,
+    s = settings_for(paper, declared, T=T, kd_weight=kd_weight, distill_warmup=distill_warmup, adv_weight=adv_weight, adv_lr=adv_lr,
                      adv_betas=adv_betas, adv_wd=adv_wd, adv_decouple_wd=adv_decouple_wd, adv_milestones=adv_milestones,
-                     adv_lr_steps=adv_lr_steps, disc_head=disc_head, disc_joint=disc_joint)
+                     adv_lr_steps=adv_lr_steps, disc_head=disc_head, disc_joint=disc_joint, kd_anneal=kd_anneal,
+                     hint_weight=hint_weight, at_weight=at_weight, nst_weight=nst_weight, mfd_weight=mfd_weight,
+                     mfd_sigma=mfd_sigma, ad_weight=ad_weight, ad_lr=ad_lr)
+    groups = getattr(dls, 'groups', None)
+    if declared.groups and not groups:
+        raise ValueError(f"{method} needs each sample's sensitive group, but the data has none: build it with a group-aware "
+                         "loader (digits_s_dls, cifar10s_dls, utkface_dls, celeba_dls; batches of (x, class, group))")
     model = build_peer_model(dls, models, declared, n_out, feature_layers, names, teacher)
     choosable = declared.topology is not None and not declared.offline
     topo = declared.topology_for(len(model.models), topology if topology is not None else s.topology if choosable else None)
-    add_method_modules(model, declared, topo, s.disc_head, s.disc_joint)
+    add_method_modules(model, declared, topo, s.disc_head, s.disc_joint, len(groups) if groups else None, s)
     method_cbs = method_callbacks(declared, topo, align_weight=align_weight, paper=paper,
                                   **{k: v for k, v in s.items() if k != 'topology'})
+    if groups: method_cbs = [GroupTarget()] + method_cbs
     loss_func = PeerLoss(model.output_names, gated=model.gated)
-    metrics = peer_metrics(model.names, gated=model.gated) if metrics is None else listify(metrics)
+    if metrics is not None: metrics = listify(metrics)
+    elif groups: metrics = fairness_metrics(model.names, model.n_outputs[0], groups)
+    else: metrics = peer_metrics(model.names, gated=model.gated)
     if loss_parts: metrics = list(metrics) + list(LossMetrics(loss_func.part_names))
     metrics = list(metrics) + [m for cb in method_cbs if hasattr(cb, 'columns') for m in cb.columns()]
     learn = AFDLearner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, wd=wd, wd_bn_bias=wd_bn_bias,

@@ -1,0 +1,170 @@
+"""The fairness methods against plain PyTorch (each loss written out here, not read from the library), fastai's own
+callbacks beside them, and the fairness data sets through `afd_train`."""
+from copy import deepcopy
+from functools import partial
+import subprocess, sys
+import pytest, torch
+import torch.nn.functional as F
+from fastcore.test import test_close as close, test_fail as fails
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.training import GradientClip
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from afd_fastai.all import *
+from afd_fastai.fair_data import digits_s_dls
+from afd_fastai.groups import GroupTarget
+from afd_fastai.models import cifar10s_net
+
+
+class OneStep(Callback):
+    "Keep the first training batch (after GroupTarget) and stop after the optimiser step"
+    order = 1
+    def before_batch(self): self.x0,self.y0,self.g0 = self.x.clone(),self.y.clone(),self.learn.group.clone()
+    def after_step(self): raise CancelFitException()
+
+
+@pytest.fixture(scope='module')
+def dls(): return digits_s_dls(bs=32, seed=0, n_per_class=40)
+
+net = partial(cifar10s_net, size=16, drop=0.) # no BatchNorm, no dropout: a step is deterministic
+
+
+@pytest.fixture(scope='module')
+def teacher(dls):
+    t = net()
+    learn = Learner(dls, t, loss_func=CrossEntropyLossFlat(), cbs=GroupTarget())
+    with learn.no_bar(), learn.no_logging(): learn.fit(8, 1e-3)
+    return t
+
+
+def kl(s, t, T):
+    p = F.softmax(t / T, 1)
+    return T * T * (p * (p.log() - F.log_softmax(s / T, 1))).sum(1).mean()
+
+def mmd_by_cells(ft, fs, y, g, sigma=1.):
+    d = lambda a, b: torch.cdist(a, b) ** 2
+    bw = 2 * sigma * d(ft, fs).clamp_min(1e-12).mean().detach()
+    k = lambda a, b: torch.exp(-d(a, b) / bw).mean()
+    out = 0.
+    for c in y.unique():
+        tc = ft[y == c]
+        for gg in g[y == c].unique():
+            sc = fs[(y == c) & (g == gg)]
+            out = out + k(tc, tc) + k(sc, sc) - 2 * k(tc, sc)
+    return out / 2
+
+def attention(f): return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+
+def nst(fs, ft):
+    fs, ft = F.normalize(fs.flatten(2), dim=2), F.normalize(ft.flatten(2), dim=2)
+    k = lambda a, b: (a @ b.transpose(1, 2)).pow(2).mean((1, 2))
+    return (k(fs, fs) + k(ft, ft) - 2 * k(fs, ft)).mean()
+
+def plain_loss(method, student, teacher, x, y, g, T=1., adv=None, lam_ad=1e-3):
+    "The student's loss of `method` written out: (loss, adversaries' loss on detached logits)"
+    feats = {}
+    hooks = [m.get_submodule(name).register_forward_hook(lambda mod, i, o, key=key: feats.__setitem__(key, o))
+             for key, m in (('s', student), ('t', teacher)) for name in (('head.2', 'body'))]
+    try:
+        z = student(x)
+        with torch.no_grad(): zt = teacher(x)
+    finally:
+        for h in hooks: h.remove()
+    ce = F.cross_entropy(z, y)
+    if method == 'hkd': return ce + kl(z, zt, T), None
+    if method == 'fitnet': return F.mse_loss(feats['s'], feats['t']) / 2, None # the hint stage: the hint alone
+    if method == 'fitnet_one_stage': return ce + kl(z, zt, T) + F.mse_loss(feats['s'], feats['t']) / 2, None
+    if method == 'mfd': return ce + 3 * mmd_by_cells(feats['t'], feats['s'], y, g), None
+    if method in ('at', 'nst'):
+        hooks = [m.body.register_forward_hook(lambda mod, i, o, key=key: feats.__setitem__(key, o)) for key, m in (('sb', student), ('tb', teacher))]
+        student(x); teacher(x)
+        for h in hooks: h.remove()
+        z = student(x); ce = F.cross_entropy(z, y)
+        if method == 'at': return ce + 0.5 * (attention(feats['sb']) - attention(feats['tb'].detach())).pow(2).mean(), None
+        return ce + 30 * nst(feats['sb'], feats['tb'].detach()), None
+    if method == 'ad':
+        per_class = lambda logits: sum(F.cross_entropy(adv[c](logits[y == c]), g[y == c]) for c in y.unique().tolist())
+        return ce - 2 * lam_ad * per_class(z), per_class(z.detach()) # reversal of scale 2 into the student
+    raise ValueError(method)
+
+
+@pytest.mark.parametrize('method', ['hkd', 'fitnet', 'fitnet_one_stage', 'at', 'nst', 'mfd', 'ad'])
+def test_one_step_equals_plain_pytorch(dls, teacher, method):
+    learn = afd_learner(dls, net, method=method, teacher=teacher, lr=0.05)
+    student, frozen = deepcopy(learn.model.models[1]), deepcopy(teacher).eval()
+    adv = deepcopy(learn.model.group_adversaries.mlps) if method == 'ad' else None
+    before = deepcopy(learn.model.models[1].state_dict())
+    step = OneStep()
+    learn.fit(1, lr=0.05, cbs=step)
+    x, y, g = (t.as_subclass(torch.Tensor) for t in (step.x0, step.y0, step.g0))
+    sgd = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    loss, adv_loss = plain_loss(method, student, frozen, x, y, g, adv=adv)
+    sgd.zero_grad(); loss.backward(); sgd.step()
+    for (name, p), q in zip(learn.model.models[1].state_dict().items(), student.state_dict().values()): close(p, q, eps=1e-5)
+    assert max((p - before[n]).abs().max().item() for n, p in learn.model.models[1].state_dict().items()) > 5e-6 # more than weight decay alone
+    for p, q in zip(learn.model.models[0].parameters(), teacher.parameters()): assert torch.equal(p, q) # frozen
+    if adv is not None: # the adversaries' own Adam on the gradient of Σ_c CE_c
+        adam = torch.optim.Adam(adv.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=1e-5)
+        adam.zero_grad(); adv_loss.backward(); adam.step()
+        for p, q in zip(learn.model.group_adversaries.mlps.parameters(), adv.parameters()): close(p, q, eps=1e-5)
+
+
+def test_the_adversaries_learn_and_the_student_keeps_learning(dls, teacher):
+    import math
+    from fastai.optimizer import Adam
+    learn = afd_learner(dls, net, method='ad', teacher=teacher, opt_func=Adam, lr=1e-3, wd=0.) # the paper's λ = 1e-3
+    with learn.no_bar(), learn.no_logging(): learn.fit(10, 1e-3, cbs=GradientClip(1.))
+    last = learn.recorder.values[-1]
+    assert last[5] > 0.5, last # the student's accuracy
+    # Σ over 10 classes of the adversaries' cross-entropy: untrained adversaries guess at chance (10·log 2 = 6.9); these
+    # have learned at least how skewed each class's groups are (the prior alone gives 10·H(0.9) ≈ 3.3)
+    assert last[-2] < 0.75 * 10 * math.log(2), last
+
+
+def test_labelwise_sampling_only_during_the_fit(dls, teacher):
+    learn = afd_learner(dls, net, method='ss', teacher=teacher)
+    seen = []
+    class Peek(Callback):
+        def before_batch(self): seen.extend(zip(self.y.tolist(), self.learn.group.tolist()))
+    original = learn.dls.train
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.05, cbs=Peek())
+    assert learn.dls.train is original
+    share_minor = sum((y < 5) == (g == 1) for y, g in seen) / len(seen) # gray 5–9 and colour 0–4: 10 % of the data
+    assert 0.35 < share_minor < 0.65, share_minor
+
+
+def test_lr_find_and_get_preds_compose(dls, teacher):
+    learn = afd_learner(dls, net, method='mfd', teacher=teacher)
+    with learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=5, show_plot=False)
+        learn.fit(1, 0.01)
+    assert learn.opt is not None and learn.dls.train.__class__.__name__ == 'TfmdDL'
+    preds, targs = learn.get_preds()
+    assert len(preds) == 2 and targs.max() < 10 and len(targs) == len(dls.valid_ds) # the class only, never the group
+
+
+def afd_train(*args, cwd):
+    return subprocess.run([sys.executable, '-m', 'afd_fastai.cli', *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_on_digits_s_reports_deo(tmp_path):
+    from afd_fastai.cli import main
+    main(['--data', 'digits_s', '--method', 'scratch,mfd', '--epochs', '1', '--seed', '0', '--n_per_class', '20', '--out', str(tmp_path)])
+    text = (tmp_path/'results.md').read_text()
+    assert 'deo_m_cifar10s_net' in text and 'digits-S 16×16' in text and '| mfd | 1 |' in text
+    assert len(list((tmp_path/'models').glob('teacher_*'))) == 1 # one teacher per seed, for both methods
+
+
+def test_cli_refuses_group_methods_without_groups(capsys):
+    from afd_fastai.cli import main
+    with pytest.raises(SystemExit): main(['--method', 'mfd'])
+    assert 'need(s) a sensitive group' in capsys.readouterr().err
+
+
+def test_preset_on_fake_cifar10s(tmp_path):
+    from afd_fastai.cli import main
+    write_fake_cifar(tmp_path/'data', 10, n_train=64, n_test=16)
+    main(['--preset', 's2-cifar10s-mfd', '--data-path', str(tmp_path/'data'), '--epochs', '1', '--bs', '16', '--seed', '0',
+          '--out', str(tmp_path/'out')])
+    text = (tmp_path/'out'/'results.md').read_text()
+    assert 'Beside the paper' in text and '82.77' in text and 'deo_m_cifar10s_net' in text
