@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_options', 'afd_train', 'match_option_spelling', 'main']
 
-# %% ../nbs/10_cli.ipynb #4f3012f6
+# %% ../nbs/10_cli.ipynb #612bbfac
 import sys
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser
@@ -15,9 +15,9 @@ from .data import find_cifar_folder, check_image_folder
 from .methods import distill_methods
 from .learner import known_model
 from .presets import presets, list_presets as preset_table
-from .experiment import demo_methods, data_sets, regime_of, run_experiment, markdown_table
+from .experiment import demo_methods, data_sets, regime_of, run_experiment, markdown_table, fair_data_sets, fair_demo_methods
 
-# %% ../nbs/10_cli.ipynb #1a6252aa
+# %% ../nbs/10_cli.ipynb #adfb52e8
 def check_options(models, methods, data, data_path, epochs, bs, lr, schedule, seeds, adv_lr=None, teacher=None):
     "Raise `ValueError` naming the first bad option and how to fix it"
     unknown = [m for m in models if not known_model(m)]
@@ -41,24 +41,30 @@ def check_options(models, methods, data, data_path, epochs, bs, lr, schedule, se
         if not Path(teacher).is_file(): raise ValueError(f"--teacher {teacher}: no such file")
     if adv_lr is not None and not adv_lr > 0: raise ValueError(f"--adv-lr must be positive, got {adv_lr}")
     if data not in data_sets: raise ValueError(f"unknown data set {data!r}: choose {', '.join(data_sets)}")
-    if data != 'digits' and not data_path: raise ValueError(f"--data {data} needs --data-path")
+    if data not in ('digits', 'digits_s') and not data_path: raise ValueError(f"--data {data} needs --data-path")
     if data == 'imagenet': check_image_folder(data_path)
-    elif data != 'digits': find_cifar_folder(data_path, int(data[5:]))
+    elif data in ('utkface', 'celeba'):
+        if not Path(data_path).is_dir(): raise ValueError(f"--data-path {data_path}: no such folder")
+    elif data == 'cifar10s': find_cifar_folder(data_path, 10)
+    elif data not in ('digits', 'digits_s'): find_cifar_folder(data_path, int(data[5:]))
+    groups = [m for m in methods if distill_methods[m].groups]
+    if groups and data not in fair_data_sets:
+        raise ValueError(f"{', '.join(groups)} need(s) a sensitive group per sample: choose --data {' or '.join(fair_data_sets)}")
     for name, v in (('epochs', epochs), ('bs', bs)):
         if v is not None and v < 1: raise ValueError(f"--{name} must be at least 1, got {v}")
     if lr is not None and not lr > 0: raise ValueError(f"--lr must be positive, got {lr}")
-    if schedule not in (None, 'one_cycle', 'multistep'): raise ValueError(f"unknown schedule {schedule!r}: choose one_cycle or multistep")
+    if schedule not in (None, 'one_cycle', 'multistep', 'plateau'): raise ValueError(f"unknown schedule {schedule!r}: choose one_cycle, multistep or plateau")
     if not seeds: raise ValueError("--seed needs at least one seed")
 
 def _ints(s, what):
     try: return [int(v) for v in str(s).split(',') if v.strip()]
     except ValueError: raise ValueError(f"{what} must be comma-separated integers, got {s!r}") from None
 
-# %% ../nbs/10_cli.ipynb #0746f9f4
+# %% ../nbs/10_cli.ipynb #0cdb5850
 @call_parse
 def afd_train(models:str=None, # comma-separated networks trained together (zoo or torchvision names; offline methods: teacher first). Default resnet20,wrn16_2
-              method:str=None, # a method (afd, afd_adv_only, dml, dml_alternating, kd, one, l1, l1_kd, kd_offline, l1_kd_offline, vanilla), several comma-separated, or compare (vanilla,dml,afd; the default)
-              data:str=None, # digits (default), cifar10, cifar100 or imagenet
+              method:str=None, # a method (afd, afd_adv_only, dml, dml_alternating, kd, one, l1, l1_kd, kd_offline, l1_kd_offline, vanilla; fairness: scratch, hkd, fitnet, fitnet_one_stage, at, nst, ad, ss, ss_hkd, ss_fitnet, ad_hkd, ad_fitnet, mfd), several comma-separated, or compare (vanilla,dml,afd; on fairness data scratch,ss,mfd; the default)
+              data:str=None, # digits (default), cifar10, cifar100, imagenet; with sensitive groups: digits_s, cifar10s, utkface, celeba
               data_path:str=None, # folder holding the data: CIFAR python format, or ImageNet's train/ and val/ class folders
               epochs:int=None, # epochs (default: 30 on digits, 300 on CIFAR, 90 on ImageNet)
               bs:int=None, # batch size (default: 32 on digits, 128 on CIFAR, 256 on ImageNet)
@@ -69,6 +75,7 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
               size:int=None, # digits: image size (default 16); ImageNet: crop size (default 224)
               n_per_class:int=None, # digits: training images per class (default 20; 0 for all)
               label_noise:float=None, # digits: fraction of wrong training labels (default 0.4)
+              skew:float=None, # digits_s, cifar10s: share of each class in its majority group (default 0.9, 0.8)
               adv_lr:float=None, # AFD: the second (adversarial) optimiser's learning rate (default 2e-4; the paper's 2e-5)
               paper:bool=False, # the paper's method settings (no warm-up, AFD's second Adam on the extractors); presets imply it
               teacher:str=None, # offline methods: file of a trained teacher (torch.save(model) or learn.export()); default: train one first
@@ -79,13 +86,19 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         if list_presets: return print(markdown_table(preset_table()))
         p, models, method, data, schedule_given = _with_preset(preset, models, method, data, epochs=epochs, bs=bs, lr=lr,
                                                                schedule=schedule)
-        model_names = [m.strip() for m in (models or 'resnet20,wrn16_2').split(',') if m.strip()]
+        fair = data in fair_data_sets
+        default_models = ('cifar10s_net,cifar10s_net' if data in ('digits_s', 'cifar10s') else 'resnet18,resnet18' if fair
+                          else 'resnet20,wrn16_2')
+        model_names = [m.strip() for m in (models or default_models).split(',') if m.strip()]
         seeds = _ints(seed, '--seed') if seed is not None else list(regime_of(data)['seeds'])
         method = method or 'compare'
-        methods = list(demo_methods) if method == 'compare' else [m.strip() for m in method.split(',') if m.strip()]
+        compare = fair_demo_methods if fair else demo_methods
+        methods = list(compare) if method == 'compare' else [m.strip() for m in method.split(',') if m.strip()]
         check_options(model_names, methods, data, data_path, seeds=seeds, adv_lr=adv_lr, teacher=teacher, **schedule_given)
         data_kwargs = (dict(size=size, n_per_class=n_per_class, label_noise=label_noise) if data == 'digits'
-                       else dict(size=size) if data == 'imagenet' else {})
+                       else dict(size=size, n_per_class=n_per_class, skew=skew) if data == 'digits_s'
+                       else dict(skew=skew) if data == 'cifar10s'
+                       else dict(size=size) if data in ('imagenet', 'utkface', 'celeba') else {})
         run_experiment(model_names, methods, data, data_path, seeds=seeds, out=out, **schedule_given,
                        adv_lr=adv_lr, teacher=teacher, preset=p, paper=paper or p is not None, **data_kwargs)
     except (ValueError, FileNotFoundError) as e:
