@@ -114,12 +114,10 @@ class TeacherTerm(TermCallback):
         if group is None: raise ValueError(f"{type(self).__name__} needs each sample's sensitive group: use data from a "
                                            "group-aware loader and the GroupTarget callback (afd_learner adds it)")
         return group
-    def features(self, container:str=None):
-        "The networks' features, each student's through its `container` module (a regressor) where the model has one"
-        maps = self.learn.model.feature_maps
-        mods = getattr(self.learn.model, container, None) if container else None
-        if mods is None: return lambda t, s, i: (maps[t], maps[s])
-        return lambda t, s, i: (maps[t], mods[i](maps[s]))
+    def over_students(self, loss, regressed:bool=False):
+        "Sum over students of `loss(student feature, teacher feature)`, the student's through its regressor if `regressed`"
+        maps, regs = self.learn.model.feature_maps, getattr(self.learn.model, 'regressors', None) if regressed else None
+        return mean_over_teachers(self.edges, lambda i, t, s: loss(maps[s] if regs is None else regs[i](maps[s]), maps[t]))
 
 class HintonKDCallback(TeacherTerm):
     "HKD: `weight`·T²·KL from the teacher's softened logits, decaying linearly to 0 over training (or after `start`)"
@@ -135,9 +133,7 @@ class HintCallback(TeacherTerm):
     "FitNet: `weight`·½·MSE between each student's regressed feature and the teacher's; alone in the first `stage` of training"
     column,weight_setting,stage = 'hint_loss','hint_weight',None # stage: the share of training that trains on the hint alone
     def __init__(self, weight:float=1.): self.weight = weight
-    def term(self):
-        pair = self.features('regressors')
-        return mean_over_teachers(self.edges, lambda i, t, s: hint_loss(*pair(t, s, i)[::-1]))
+    def term(self): return self.over_students(hint_loss, regressed=True)
     def after_loss(self):
         if self.stage is None: return super().after_loss()
         if self.pct_train >= self.stage: return
@@ -157,21 +153,19 @@ class ATCallback(TeacherTerm):
     "AT: `weight`·½·mean((a(s) − a(t))²) between attention maps of the last conv maps"
     column,weight_setting = 'at_loss','at_weight'
     def __init__(self, weight:float=1.): self.weight = weight
-    def term(self): return mean_over_teachers(self.edges, lambda i, t, s: at_loss(*self.features()(t, s, i)[::-1]))
+    def term(self): return self.over_students(at_loss)
 
 class NSTCallback(TeacherTerm):
     "NST: `weight`·MMD² between the channels' spatial activation patterns"
     column,weight_setting = 'nst_loss','nst_weight'
     def __init__(self, weight:float=30.): self.weight = weight
-    def term(self): return mean_over_teachers(self.edges, lambda i, t, s: nst_loss(*self.features()(t, s, i)[::-1]))
+    def term(self): return self.over_students(nst_loss)
 
 class MFDCallback(TeacherTerm):
     "MFD: `weight`·½·Σ_c Σ_g MMD² between the teacher's class-c and the student's (c, g) features"
     column,weight_setting = 'mfd_loss','mfd_weight'
     def __init__(self, weight:float=3., mfd_sigma:float=1.): self.weight,self.sigma = weight,mfd_sigma
-    def term(self):
-        pair = self.features('regressors')
-        return mean_over_teachers(self.edges, lambda i, t, s: mfd_loss(*pair(t, s, i), self.y, self.group, self.sigma))
+    def term(self): return self.over_students(lambda s, t: mfd_loss(t, s, self.y, self.group, self.sigma), regressed=True)
 
 # %% ../nbs/20_fair.ipynb #4a42b19b
 class Regressor(nn.Module):
