@@ -105,12 +105,12 @@ class FeatureAlignCallback(TermCallback):
 
 # %% ../nbs/12_baselines.ipynb #4c95d125
 class FrozenTeacherCallback(Callback):
-    "Keep network `k` fixed: `requires_grad` off and eval mode while the others train"
+    "Keep network `k` fixed: `requires_grad` off, no gradient left (so no optimiser steps it, weight decay included), eval mode"
     def __init__(self, k:int=0): self.k = k
     @property
     def teacher(self): return self.learn.model.models[self.k]
     def _freeze(self):
-        for p in self.teacher.parameters(): p.requires_grad_(False)
+        for p in self.teacher.parameters(): p.requires_grad_(False); p.grad = None # a gradient left from its own training would let the optimiser decay it
     def after_create(self): self._freeze()
     def before_fit(self): self._freeze() # again, in case `unfreeze()` switched gradients back on
     def before_train(self): self.teacher.eval()

@@ -102,7 +102,7 @@ def test_one_step_equals_plain_pytorch(dls, teacher, method):
     sgd.zero_grad(); loss.backward(); sgd.step()
     for (name, p), q in zip(learn.model.models[1].state_dict().items(), student.state_dict().values()): close(p, q, eps=1e-5)
     assert max((p - before[n]).abs().max().item() for n, p in learn.model.models[1].state_dict().items()) > 5e-6 # more than weight decay alone
-    for p, q in zip(learn.model.models[0].parameters(), teacher.parameters()): assert torch.equal(p, q) # frozen
+    for p, q in zip(learn.model.models[0].parameters(), frozen.parameters()): assert torch.equal(p, q) # frozen (a copy from before the step)
     if adv is not None: # the adversaries' own Adam on the gradient of Σ_c CE_c
         adam = torch.optim.Adam(adv.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=1e-5)
         adam.zero_grad(); adv_loss.backward(); adam.step()
@@ -168,3 +168,19 @@ def test_preset_on_fake_cifar10s(tmp_path):
           '--out', str(tmp_path/'out')])
     text = (tmp_path/'out'/'results.md').read_text()
     assert 'Beside the paper' in text and '82.77' in text and 'deo_m_cifar10s_net' in text
+
+
+@pytest.mark.parametrize('method', ['mfd', 'ad'])
+def test_stock_callbacks_compose(dls, teacher, method, tmp_path):
+    "fine_tune (freeze, then unfreeze), SaveModelCallback, GradientClip and to_fp16 beside a fairness method"
+    from fastai.callback.tracker import SaveModelCallback
+    learn = afd_learner(dls, net, method=method, teacher=teacher, path=tmp_path).to_fp16() # on CPU autocast is off: composition only
+    frozen_teacher = deepcopy(teacher.state_dict())
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(1, 1e-3, freeze_epochs=1, cbs=[SaveModelCallback(fname='best', with_opt=True), GradientClip(1.)])
+    for k, v in learn.model.models[0].state_dict().items(): assert torch.equal(v, frozen_teacher[k]) # the teacher never moves
+    assert learn.dls.train.__class__.__name__ == 'TfmdDL'
+    other = afd_learner(dls, net, method=method, teacher=teacher, path=tmp_path)
+    other.load('best', with_opt=True)
+    if method == 'ad': assert other.opt.second is not None # the adversaries' Adam comes back with the checkpoint
+    assert all(torch.isfinite(v).all() for v in other.model.state_dict().values() if v.is_floating_point())
