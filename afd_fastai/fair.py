@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fastcore.basics import store_attr
 from fastai.callback.core import Callback
 from fastai.optimizer import Adam
+from .optim import ForeachAdam
 from fastai.torch_core import params
 from .losses import at_least_fp32, distill_loss, mean_over_teachers
 from .topology import as_topology
@@ -206,7 +207,7 @@ class GroupAdversaryCallback(TeacherTerm):
     def __init__(self, weight:float=1e-3, ad_lr:float=3e-3): self.weight,self.lr = weight,ad_lr
     def make_opt(self):
         "The adversaries' Adam (the learner's second optimiser)"
-        return Adam(params(self.learn.model.group_adversaries), lr=self.lr, wd=0.)
+        return ForeachAdam(params(self.learn.model.group_adversaries), lr=self.lr, wd=0.)
     def before_fit(self):
         super().before_fit()
         self.active,self.cancelled = not hasattr(self.learn, 'lr_finder'),False

@@ -196,14 +196,14 @@ def test_the_papers_defaults():
     learn = afd_learner(dls, ['resnet20', 'resnet20'], paper=True)
     learn.create_opt()
     h = learn.opt.hypers[0]
-    assert (learn.lr, learn.wd, h['mom'], learn.opt.main.cbs[0].__name__) == (0.1, 1e-4, 0.9, 'l2_reg') # coupled L2
+    assert (learn.lr, learn.wd, h['mom'], learn.opt.main.decouple_wd) == (0.1, 1e-4, 0.9, False) # coupled L2
     assert learn.distill.T == 3. and learn.distill.weight == 1.
     adv = learn.adversarial_feature
     assert (adv.lr, adv.wd, adv.milestones, adv.gamma) == (2e-5, 0.1, (0.25, 0.5), 0.1)
     second = adv.make_opt()
     h = second.hypers[0]
     assert (h['mom'], h['sqr_mom'], h['eps'], h['wd']) == (0.9, 0.999, 1e-8, 0.1)
-    assert second.cbs[0].__name__ == 'l2_reg' # coupled, as torch.optim.Adam(weight_decay=0.1)
+    assert second.decouple_wd is False # coupled, as torch.optim.Adam(weight_decay=0.1)
     assert adv.gen_weight is None and adv.warmup == 0 and learn.distill.warmup == 0
     assert [len(g) for g in second.param_lists] == [len(list(learn.model.models.parameters())), len(list(learn.model.adversaries.parameters()))]
     d = learn.model.adversaries[0].discriminator
@@ -221,7 +221,7 @@ def test_the_library_defaults():
     second = adv.make_opt()
     h = second.hypers[0]
     assert (h['mom'], h['sqr_mom'], h['wd']) == (0.5, 0.999, 0.1)
-    assert second.cbs[0].__name__ == 'weight_decay' # decoupled, as torch.optim.AdamW
+    assert second.decouple_wd is True # decoupled, as torch.optim.AdamW
     assert [len(g) for g in second.param_lists] == [len(list(learn.model.adversaries.parameters()))] # no network weights
     a = learn.model.adversaries[0]
     assert a.joint and a.discriminator[3].kernel_size == (2, 2) # resnet20's 4×4 map on 16×16 digits, halved once
