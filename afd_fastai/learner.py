@@ -27,7 +27,7 @@ from .models import zoo_model, model_zoo
 from .core import PeerModel, peer_splitter, model_name
 from .losses import PeerLoss, ensemble_probs
 from .methods import paper, paper_sgd, DistillMethod, distill_methods, register_method, settings_for, defaults
-from fastai.optimizer import Adam
+from .optim import ForeachAdam
 from .schedule import fit_multistep, MultiStepSchedule
 from .distill import DistillCallback
 from .adversarial import AdversarialFeatureCallback, FeatureAdversary, PeerOptimizer
@@ -76,7 +76,7 @@ def _build(cls, **settings):
 
 def adversarial_callback(topology, s:dict):
     "The `AdversarialFeatureCallback` of settings `s` (`settings_for`): its Adam, lr, schedule, generator weight"
-    opt_func = partial(Adam, mom=s['adv_betas'][0], sqr_mom=s['adv_betas'][1], eps=paper.adv_eps, decouple_wd=s['adv_decouple_wd'])
+    opt_func = partial(ForeachAdam, mom=s['adv_betas'][0], sqr_mom=s['adv_betas'][1], eps=paper.adv_eps, decouple_wd=s['adv_decouple_wd'])
     cb = AdversarialFeatureCallback(topology, lr=s['adv_lr'], wd=s['adv_wd'], milestones=s['adv_milestones'],
                                     opt_func=opt_func, gen_weight=None if s['adv_weight'] == 'adam' else s['adv_weight'], lr_steps=s['adv_lr_steps'])
     cb.warmup = s['distill_warmup']
@@ -192,6 +192,13 @@ def _read_legacy(file):
     if not (isinstance(state, dict) and {'model', 'opt', 'callbacks'} <= set(state)): return None
     second = state['callbacks'].get('adversarial_feature', {}).get('opt')
     return dict(model=state['model'], opt=state['opt'], second=second)
+
+# %% ../nbs/08_learner.ipynb #b93f1cbe
+@patch
+def compile_networks(self:AFDLearner, **kwargs):
+    "Compile every network's forward in place with `torch.compile(**kwargs)`; parameter names and checkpoints are unchanged"
+    for net in self.model.models: net.compile(**kwargs)
+    return self
 
 # %% ../nbs/08_learner.ipynb #87f70dcd
 def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_layers=None, names=None, teacher=None):

@@ -143,3 +143,23 @@ def test_interpretation_get_preds_with_loss_tta_and_show_results(dls):
     close(b0, p0, eps=1e-5)
     learn.show_results(max_n=4) # the ensemble's predictions
     learn.peer('wrn16_2').show_results(max_n=4) # one network's, through its plain fastai Learner
+
+def test_compiled_networks_step_as_eager_ones(tmp_path):
+    from torch import nn
+    from fastai.torch_core import set_seed
+    "compile_networks (torch.compile in place) on small networks: the same weights after two AFD steps, checkpoints load into an eager learner"
+    from afd_fastai.models import BodyHeadNet, pool_linear_head
+    from afd_fastai.bench import random_dls, bench_learner
+    def small(): return BodyHeadNet(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), pool_linear_head(8, 10), 'small')
+    learners = []
+    for compiled in (False, True):
+        set_seed(0)
+        learn = bench_learner(random_dls(2, bs=8, size=8, c=10), [small(), small()], 'afd', path=tmp_path)
+        if compiled: learn.compile_networks()
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.05)
+        learners.append(learn)
+    eager, comp = learners
+    for (k, a), b in zip(eager.model.state_dict().items(), comp.model.state_dict().values()): torch.testing.assert_close(a, b, msg=k)
+    comp.save('compiled')
+    eager.load('compiled')
+    for a, b in zip(eager.model.state_dict().values(), comp.model.state_dict().values()): assert torch.equal(a, b)

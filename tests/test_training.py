@@ -134,3 +134,26 @@ def test_afd_default_adds_the_ramped_generator_loss(small_digits):
     for pct, loss, ce, kd, g in grab.rows:
         assert loss == pytest.approx(ce + min(1., pct / 0.3) * (kd + 2. * g), rel=1e-5)
     assert grab.rows[-1][4] > 0 and grab.rows[-1][0] > 0.3 # the last batches: the full weights, a non-zero g_loss
+
+class CPUAutocast(Callback):
+    "What fastai's MixedPrecision does on a GPU, on the CPU: forward and losses under autocast, predictions back in fp32"
+    order = 10
+    def __init__(self, dtype): self.dtype = dtype
+    def before_fit(self): self.map_dtypes = set()
+    def before_batch(self): self.ctx = torch.autocast('cpu', dtype=self.dtype); self.ctx.__enter__()
+    def after_pred(self):
+        self.map_dtypes |= {f.dtype for f in self.learn.model.feature_maps if f is not None}
+        self.learn.pred = tuple(p.float() for p in self.pred)
+    def after_loss(self): self.ctx.__exit__(None, None, None)
+
+@pytest.mark.parametrize('method,paper', [('afd', False), ('afd', True), ('dml', False), ('l1_kd', False)])
+def test_bf16_autocast_paths_on_cpu(small_digits, method, paper):
+    "The half-precision paths of the losses and the discriminators, exercised on the CPU: bf16 feature maps, fp32 losses, learning"
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], method=method, paper=paper, cbs=CPUAutocast(torch.bfloat16))
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 0.05)
+    assert learn.cpu_autocast.map_dtypes == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    first, last = learn.recorder.values[0], learn.recorder.values[-1]
+    assert all(math.isfinite(v) for v in last)
+    assert last[0] < first[0] # the training loss falls
+    if method == 'afd': assert all(math.isfinite(v) for v in learn.recorder.d_losses + learn.recorder.g_losses)
