@@ -71,6 +71,8 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
               lr:float=None, # peak learning rate (default: 0.05 on digits, 0.1 on CIFAR and ImageNet)
               seed:str=None, # random seed, or comma-separated seeds for mean ± std (default: 0,1,2 on digits, 0 otherwise)
               schedule:str=None, # one_cycle (digits default) or multistep, the paper's (CIFAR and ImageNet default)
+              valid_every:int=None, # validate every this many epochs and after the last (default: 5 on digits, else 1)
+              channels_last:bool=False, # networks and inputs in channels-last memory format (always on digits)
               out:str='afd_results', # output folder for results.csv, results.md and each run's checkpoint in models/
               size:int=None, # digits: image size (default 16); ImageNet: crop size (default 224)
               n_per_class:int=None, # digits: training images per class (default 20; 0 for all)
@@ -95,12 +97,14 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         compare = fair_demo_methods if fair else demo_methods
         methods = list(compare) if method == 'compare' else [m.strip() for m in method.split(',') if m.strip()]
         check_options(model_names, methods, data, data_path, seeds=seeds, adv_lr=adv_lr, teacher=teacher, **schedule_given)
+        if valid_every is not None and valid_every < 1: raise ValueError(f"--valid-every must be at least 1, got {valid_every}")
         data_kwargs = (dict(size=size, n_per_class=n_per_class, label_noise=label_noise) if data == 'digits'
                        else dict(size=size, n_per_class=n_per_class, skew=skew) if data == 'digits_s'
                        else dict(skew=skew) if data == 'cifar10s'
                        else dict(size=size) if data in ('imagenet', 'utkface', 'celeba') else {})
         run_experiment(model_names, methods, data, data_path, seeds=seeds, out=out, **schedule_given,
-                       adv_lr=adv_lr, teacher=teacher, preset=p, paper=paper or p is not None, **data_kwargs)
+                       adv_lr=adv_lr, teacher=teacher, preset=p, paper=paper or p is not None, valid_every=valid_every,
+                       channels_last=channels_last or None, **data_kwargs)
     except (ValueError, FileNotFoundError) as e:
         print(f"afd_train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['demo_methods', 'fair_data_sets', 'data_sets', 'fair_demo_methods', 'regime_of', 'resolve_settings', 'make_dls',
-           'train_teacher', 'train_one', 'summarise', 'markdown_table', 'paired', 'per_network', 'paired_ci',
-           'describe_regime', 'describe_settings', 'run_experiment']
+           'ValidateEvery', 'train_teacher', 'train_one', 'summarise', 'markdown_table', 'paired', 'per_network',
+           'paired_ci', 'describe_regime', 'describe_settings', 'estimate_seconds', 'run_experiment']
 
 # %% ../nbs/10a_experiment.ipynb #e0d86867
 import time, contextlib
@@ -13,14 +13,16 @@ from pathlib import Path
 import pandas as pd
 from fastai.torch_core import set_seed
 import torch
-from fastai.learner import Learner
+from fastai.learner import Learner, Recorder
+from fastai.callback.core import Callback, CancelFitException
+import fastai.callback.channelslast # Learner.to_channelslast
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from .data import digits_dls, cifar_dls, imagenet_dls
 from .fair_data import digits_s_dls, cifar10s_dls, utkface_dls, celeba_dls
 from .groups import GroupTarget
 from .models import cifar10s_net
-from fastai.optimizer import Adam
+from .optim import ForeachAdam
 from fastai.callback.tracker import ReduceLROnPlateau
 from functools import partial
 from .methods import paper_sgd, regimes, distill_methods, settings_for
@@ -76,11 +78,22 @@ def _result_row(learn, method, seed, seconds, paper=None):
     epochs = [v[2:] for v in learn.recorder.values] # after train and valid loss
     num = lambda v: float('nan') if v is None else float(v)
     row = dict(method=method, seed=seed, **{n: num(v) for n, v in zip(names, epochs[-1])})
-    row.update({f'best_{n}': max(num(e[i]) for e in epochs) for i, n in enumerate(names) if n.startswith('acc_')})
+    best = lambda vals: max((v for v in vals if v == v), default=float('nan')) # over the validated epochs
+    row.update({f'best_{n}': best(num(e[i]) for e in epochs) for i, n in enumerate(names) if n.startswith('acc_')})
     row.update({f'paper_{c}': v for c, v in (paper or {}).items()})
     return dict(row, seconds=round(seconds, 1))
 
-def _fit(learn, epochs, lr, schedule, milestones, cbs=()):
+class ValidateEvery(Callback):
+    "Validate only every `n` epochs and after the last (the other epochs' validation columns stay empty)"
+    order = Recorder.order + 1 # after the Recorder has reset the metrics (and before the progress bar starts)
+    def __init__(self, n:int=1): self.n = n
+    def before_validate(self): # a skipped epoch validates on no batches: its columns are empty, the table stays aligned
+        if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch: self.learn.dl = []
+
+def _fit(learn, epochs, lr, schedule, milestones, cbs=(), valid_every:int=1):
+    if valid_every > 1:
+        if schedule == 'plateau': raise ValueError("The plateau schedule watches the validation loss every epoch: keep valid_every=1")
+        cbs = [ValidateEvery(valid_every)] + list(cbs)
     if schedule == 'one_cycle': learn.fit_one_cycle(epochs, lr, cbs=list(cbs))
     elif schedule == 'plateau': # the fairness paper's: lr ÷ 10 after 10 epochs without a lower validation loss
         learn.fit(epochs, lr, cbs=[ReduceLROnPlateau(monitor='valid_loss', patience=10, factor=10.)] + list(cbs))
@@ -94,32 +107,38 @@ def _quiet(learn, progress):
 
 def _optimiser(data):
     "(opt_func, wd) of `data`'s regime: the AFD paper's SGD, or Adam without weight decay (the fairness paper's)"
-    return (Adam, 0.) if regime_of(data).get('opt') == 'adam' else (paper_sgd, 1e-4)
+    return (ForeachAdam, 0.) if regime_of(data).get('opt') == 'adam' else (paper_sgd, 1e-4)
 
 def _sized(arch, data, size=None):
     "`cifar10s_net` sized for digits-S's images; any other network as given"
     if arch == 'cifar10s_net' and data == 'digits_s': return partial(cifar10s_net, size=size or regimes['digits_s']['size'])
     return arch
 
-def train_teacher(arch, dls, epochs, lr, schedule, milestones=(0.5, 0.75), seed=0, out=None, progress=True, opt_func=paper_sgd, wd=1e-4):
+def train_teacher(arch, dls, epochs, lr, schedule, milestones=(0.5, 0.75), seed=0, out=None, progress=True, opt_func=paper_sgd, wd=1e-4,
+                  valid_every:int=1, channels_last:bool=False):
     "Train the teacher of an offline method alone (same optimiser and schedule as the students); save the module"
     set_seed(seed, reproducible=True)
     model = resolve_model(arch, dls.c)
     groups = [GroupTarget()] if getattr(dls, 'groups', None) else [] # the group is no target of the teacher's
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, wd=wd, wd_bn_bias=True,
                     metrics=accuracy, cbs=groups)
+    if channels_last: learn.to_channelslast(use_amp=False)
     if progress: print(f"-- training the teacher ({getattr(model, 'arch', None) or arch}) first", flush=True)
-    with _quiet(learn, progress): _fit(learn, epochs, lr, schedule, milestones)
+    with _quiet(learn, progress): _fit(learn, epochs, lr, schedule, milestones, valid_every=valid_every)
     if out is not None:
         (Path(out)/'models').mkdir(parents=True, exist_ok=True)
         torch.save(model, Path(out)/'models'/f'teacher_{getattr(model, "arch", None) or type(model).__name__.lower()}_seed{seed}.pth')
     return model
 
 def train_one(models, method, data='digits', data_path=None, epochs=None, bs=None, lr=None, seed=0,
-              schedule=None, progress=True, out=None, adv_lr=None, teacher=None, preset=None, cbs=(), paper=False, **data_kwargs):
+              schedule=None, progress=True, out=None, adv_lr=None, teacher=None, preset=None, cbs=(), paper=False,
+              valid_every:int=None, # validate every this many epochs and after the last (default: the regime's; 1 = every epoch)
+              channels_last:bool=None, # networks and inputs in channels-last memory format (default: the regime's)
+              **data_kwargs):
     "Train `models` together with `method` from seed `seed` (checkpoints in `out/models`); returns (learner, results row)"
-    s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule)
-    epochs, lr, schedule, milestones = s['epochs'], s['lr'], s['schedule'], s.get('milestones')
+    s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule, valid_every=valid_every, channels_last=channels_last)
+    epochs, lr, schedule, milestones, every = s['epochs'], s['lr'], s['schedule'], s.get('milestones'), s.get('valid_every') or 1
+    if schedule == 'plateau' and valid_every is None: every = 1 # it watches the validation loss every epoch
     models = [_sized(m, data, data_kwargs.get('size')) for m in models]
     make = lambda: make_dls(data, data_path, bs=bs, seed=seed, **data_kwargs)
     opt_func, wd = _optimiser(data)
@@ -127,17 +146,19 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
     if distill_methods[method].offline:
         if teacher is None:
             set_seed(seed, reproducible=True)
-            teacher = train_teacher(models[0], make(), epochs, lr, schedule, milestones, seed, out, progress, opt_func, wd)
+            teacher = train_teacher(models[0], make(), epochs, lr, schedule, milestones, seed, out, progress, opt_func, wd, every,
+                                    bool(s.get('channels_last')))
         models, kwargs['teacher'] = (models[1:] if len(models) > 1 else models), teacher
     set_seed(seed, reproducible=True) # the same data order for every method (and after a teacher's training)
     dls = make()
     learn = afd_learner(dls, models, method=method, **kwargs)
+    if s.get('channels_last'): learn.to_channelslast(use_amp=False)
     cbs = list(cbs)
     if out is not None:
         learn.path = Path(out)
         cbs.append(CheckpointCallback(f'{method}_seed{seed}'))
     start = time.time()
-    with _quiet(learn, progress): _fit(learn, epochs, lr, schedule, milestones, cbs)
+    with _quiet(learn, progress): _fit(learn, epochs, lr, schedule, milestones, cbs, every)
     paper_cols = preset.paper_columns(learn.names) if preset is not None else None
     return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
 
@@ -208,9 +229,9 @@ def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, me
     return pd.DataFrame(rows)
 
 # %% ../nbs/10a_experiment.ipynb #3407f7fa
-def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **data_kwargs):
+def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, valid_every=None, **data_kwargs):
     "One line saying what was trained, on what, for how long"
-    s = resolve_settings(data, epochs=epochs, bs=bs, lr=lr, schedule=schedule, **data_kwargs)
+    s = resolve_settings(data, epochs=epochs, bs=bs, lr=lr, schedule=schedule, valid_every=valid_every, **data_kwargs)
     epochs, bs, lr, schedule = s['epochs'], s['bs'], s['lr'], s['schedule']
     if data == 'digits':
         d = s
@@ -222,7 +243,10 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **da
     else: what = data
     if schedule == 'multistep': schedule += f" (lr × 0.1 at {', '.join(f'{m:.0%}' for m in s['milestones'])})"
     if schedule == 'plateau': schedule += " (lr ÷ 10 after 10 epochs without a lower validation loss)"
-    return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}, "
+    every = 1 if schedule.startswith('plateau') and valid_every is None else s.get('valid_every') or 1
+    validated = f", validated every {every} epochs and after the last" if every > 1 else ""
+    if s.get('channels_last'): validated += ", channels-last"
+    return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}{validated}, "
             f"lr {lr}, batch {bs}; seeds {', '.join(map(str, seeds))}")
 
 # %% ../nbs/10a_experiment.ipynb #560aa17a
@@ -236,6 +260,43 @@ def describe_settings(paper:bool=False, adv_lr:float=None, adversarial:bool=True
     if s.adv_weight == 'adam': return text + f"; AFD's second optimiser {adam} on the feature extractors and discriminators"
     return text + f"; AFD's generator loss × {s.adv_weight:g} in the networks' loss, the discriminators' {adam}"
 
+# %% ../nbs/10a_experiment.ipynb #49095e6a
+class _StepWatch(Callback):
+    "Time training batches 2..`n` of a fit (`seconds`: the median), then stop it"
+    order,run_valid = 200,False
+    def __init__(self, n:int=4): self.n,self.times = n,[]
+    def before_batch(self): self.start = time.perf_counter()
+    def after_batch(self):
+        self.times.append(time.perf_counter() - self.start)
+        if len(self.times) >= min(self.n, len(self.dl)): raise CancelFitException()
+    @property
+    def seconds(self):
+        times = sorted(self.times[1:] or self.times)
+        return times[len(times) // 2]
+
+def _minutes(seconds): return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
+
+def estimate_seconds(models, methods, data='digits', data_path=None, epochs=None, bs=None, lr=None, seeds=(0,), schedule=None,
+                     paper=False, adv_lr=None, valid_every=None, channels_last=None, **data_kwargs):
+    "Seconds `run_experiment` with these arguments will take here, from a few timed training steps of each method"
+    s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule, valid_every=valid_every, channels_last=channels_last)
+    every = 1 if s['schedule'] == 'plateau' and valid_every is None else s.get('valid_every') or 1
+    validated = sum((e + 1) % every == 0 or e + 1 == s['epochs'] for e in range(s['epochs']))
+    dls = make_dls(data, data_path, bs=bs, seed=0, **data_kwargs)
+    opt_func, wd = _optimiser(data)
+    total = 0.
+    for method in methods:
+        nets = [_sized(m, data, data_kwargs.get('size')) for m in models]
+        kwargs = dict(paper=paper, adv_lr=adv_lr, opt_func=opt_func, wd=wd)
+        if distill_methods[method].offline: nets, kwargs['teacher'] = nets[1:] or nets, resolve_model(nets[0], dls.c)
+        learn = afd_learner(dls, nets, method=method, **kwargs)
+        if s.get('channels_last'): learn.to_channelslast(use_amp=False)
+        watch = _StepWatch()
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, s['lr'], cbs=watch)
+        run = watch.seconds * (s['epochs'] * len(dls.train) + validated * len(dls.valid) / 3)
+        total += len(seeds) * run * (2 if distill_methods[method].offline else 1)
+    return total
+
 # %% ../nbs/10a_experiment.ipynb #8d453b45
 def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (zoo names; offline methods: teacher first)
                    methods=demo_methods, # methods compared, each on the same seeds
@@ -245,21 +306,31 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
                    teacher=None, # offline methods: a trained teacher (module or file); None: train one first
                    preset=None, # a `Preset`: its paper numbers go beside the results
                    paper:bool=False, # the paper's method settings (`afd_learner(paper=True)`) instead of the library's
+                   valid_every:int=None, # validate every this many epochs and after the last (default: the regime's)
+                   channels_last:bool=None, # networks and inputs in channels-last memory format (default: the regime's)
                    **data_kwargs):
     "Train `models` with every method and seed; print and write the per-run and the summary tables"
     runs, names, teachers = [], None, {} # the teacher trained for a seed teaches every offline method of that seed
+    started = time.time()
+    if progress:
+        est = estimate_seconds(models, methods, data, data_path, epochs, bs, lr, seeds, schedule, paper, adv_lr, valid_every,
+                               channels_last, **data_kwargs)
+        n = lambda k, what: f"{k} {what}{'s' if k != 1 else ''}"
+        print(f"{n(len(methods) * len(seeds), 'run')} ({n(len(methods), 'method')} × {n(len(seeds), 'seed')}): about "
+              f"{_minutes(est)} on this machine (estimated from a few timed training steps)", flush=True)
     for method in methods:
         for seed in seeds:
             if progress: print(f"\n== {method}, seed {seed}", flush=True)
             learn, row = train_one(models, method, data, data_path, epochs, bs, lr, seed, schedule, progress, out, adv_lr,
-                                   teacher or teachers.get(seed), preset, paper=paper, **data_kwargs)
+                                   teacher or teachers.get(seed), preset, paper=paper, valid_every=valid_every,
+                                   channels_last=channels_last, **data_kwargs)
             if distill_methods[method].offline: teachers[seed] = learn.model.models[0]
             runs.append(row)
             names = learn.names
     runs = pd.DataFrame(runs)
     runs = runs[[c for c in runs.columns if c != 'seconds'] + ['seconds']]
     summary = summarise(runs)
-    regime = describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, **data_kwargs)
+    regime = describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, valid_every, **data_kwargs)
     if data in fair_data_sets: regime += "; a teacher trained first for each seed teaches every offline method of that seed"
     else: regime += '; ' + describe_settings(paper, adv_lr, adversarial=any(distill_methods[m].adversarial for m in methods))
     what = 'Accuracy and DEO' if data in fair_data_sets else 'Accuracy'
@@ -272,4 +343,5 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
         runs.to_csv(out/'results.csv', index=False)
         (out/'results.md').write_text(report)
     print('\n' + report, flush=True)
+    if progress: print(f"All runs took {_minutes(time.time() - started)}.", flush=True)
     return runs, summary

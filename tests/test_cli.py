@@ -20,6 +20,7 @@ def afd_train(*args, cwd):
     (['--seed', 'a'], 'comma-separated integers'),
     (['--method', 'afd,kdd'], "unknown method 'kdd'"),
     (['--adv-lr', '0'], '--adv-lr must be positive'),
+    (['--valid-every', '0'], '--valid-every must be at least 1'),
     (['--preset', 't3-resnet33-afd'], 'unknown preset'),
     (['--preset', 't3-resnet32-afd', '--models', 'resnet20,resnet20'], 'drop --models/--method'),
     (['--preset', 't3-resnet32-afd'], '--data cifar100 needs --data-path'),
