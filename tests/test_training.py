@@ -157,3 +157,20 @@ def test_bf16_autocast_paths_on_cpu(small_digits, method, paper):
     assert all(math.isfinite(v) for v in last)
     assert last[0] < first[0] # the training loss falls
     if method == 'afd': assert all(math.isfinite(v) for v in learn.recorder.d_losses + learn.recorder.g_losses)
+
+@pytest.mark.parametrize('method', list(distill_methods))
+def test_every_method_steps_under_cpu_bf16_autocast(method):
+    "Every registered method with its forward and losses in bf16 (CPUAutocast, as MixedPrecision on a GPU): bf16 maps, finite fp32 weights that moved"
+    from afd_fastai.fair_data import digits_s_dls
+    declared = distill_methods[method]
+    dls = digits_s_dls(bs=32, seed=0, n_per_class=10) if declared.groups else digits_dls(size=16, n_per_class=10, bs=32, seed=0)
+    net = (lambda: cifar10s_net(n_out=10, size=16)) if declared.groups else (lambda: resnet20(n_out=10))
+    kwargs = dict(teacher=net()) if declared.offline else {}
+    learn = afd_learner(dls, [net()] if declared.offline else [net(), net()], method=method, cbs=CPUAutocast(torch.bfloat16), **kwargs)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    assert torch.bfloat16 in learn.cpu_autocast.map_dtypes
+    after = list(learn.model.parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after)
+    assert max((a - b).abs().max().item() for a, b in zip(after, before)) > 1e-3 # trained
+    assert all(math.isfinite(v) for v in learn.recorder.values[-1] if v is not None), learn.recorder.values[-1]
