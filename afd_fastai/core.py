@@ -85,6 +85,12 @@ def head_modules(records, feature_layer:str):
                               if not any(m.children()) and not name.startswith(inside)))
 
 # %% ../nbs/01_core.ipynb #d7233149
+class _KeepMap:
+    "Forward hook on network `k`'s feature layer: keeps the output as `peer`'s map `k` while network `k` runs"
+    def __init__(self, peer, k): self.peer,self.k = peer,k
+    def __call__(self, module, inp, out):
+        if getattr(self.peer, '_running', None) == self.k: self.peer._maps[self.k] = out
+
 class PeerModel(nn.Module):
     "K networks trained together: forward returns a tuple of K logit tensors and keeps their `feature_maps`."
     gated = False # True where the last output is an ensemble the model computes itself (ONE)
@@ -139,19 +145,30 @@ class PeerModel(nn.Module):
         self.n_outputs = [o.shape[-1] for o in out]
         return self
 
+    def _hook_feature_layers(self):
+        "A forward hook on each network's feature layer, registered once (and again when `feature_layers` change)"
+        if getattr(self, '_hooked', None) == self.feature_layers: return
+        for m in self.models.modules(): # the hooks of the layers named before
+            for key, hook in list(m._forward_hooks.items()):
+                if isinstance(hook, _KeepMap) and hook.peer is self: del m._forward_hooks[key]
+        for k, layer in enumerate(self.feature_layers):
+            if layer is not None: self._feature_module(k).register_forward_hook(_KeepMap(self, k))
+        self._hooked = list(self.feature_layers)
+
     def forward(self, x):
         if None in self.feature_layers and not getattr(self, '_in_setup', False): self.setup(x)
-        logits, maps = [], []
+        self._hook_feature_layers()
+        self._maps, logits = [None] * len(self.models), []
         for k, net in enumerate(self.models):
-            if self.feature_layers[k] is None: logits.append(net(x)); maps.append(None); continue
-            with hook_output(self._feature_module(k), detach=False) as hook: logits.append(net(x))
-            maps.append(hook.stored)
-        self.feature_maps = maps
+            self._running = k # a layer shared by two networks keeps each one's map in its own slot
+            try: logits.append(net(x))
+            finally: self._running = None
+        self.feature_maps = self._maps
         return tuple(logits)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state['feature_maps'] = None # activations of the last batch are not part of the model
+        state['feature_maps'] = state['_maps'] = None # activations of the last batch are not part of the model
         return state
 
 # %% ../nbs/01_core.ipynb #66ec26d6
