@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from fastcore.script import call_parse, anno_parser
+from fastcore.script import call_parse
 from fastai.callback.core import Callback
 import fastai.callback.channelslast # Learner.to_channelslast
 from fastai.torch_core import set_seed, default_device, params, TensorImage, TensorCategory
@@ -25,7 +25,7 @@ from .methods import distill_methods
 from .topology import as_topology
 from .learner import afd_learner, resolve_model
 from .experiment import markdown_table
-from .cli import match_option_spelling
+from .cli import run_script
 
 # %% ../nbs/21_bench.ipynb #ad63f1b8
 def random_dls(n_batches:int, # training batches per epoch
@@ -178,11 +178,15 @@ def time_plain(loop, x, y, # the images and labels a `PlainLoop` draws its batch
 # %% ../nbs/21_bench.ipynb #69918d01
 def _build(models, method, impl, bs, size, device, precision, channels_last, paper, lr, warmup, steps, compile=False):
     dls = random_dls(warmup + steps, bs, size=size, device=device)
-    learn = bench_learner(dls, models, method, paper=paper)
-    if precision != 'fp32': learn = learn.to_fp16() if precision == 'fp16' else learn.to_bf16()
-    if channels_last: learn.to_channelslast(use_amp=False)
+    learn = _prepare(bench_learner(dls, models, method, paper=paper), precision, channels_last)
     if impl == 'library': return (learn.compile_networks() if compile else learn), dls
     return PlainLoop(learn, lr=lr, precision=precision, channels_last=channels_last, compile=compile), dls
+
+def _prepare(learn, precision, channels_last):
+    "`learn` in `precision` (fastai's mixed precision) and, if asked, channels-last"
+    if precision != 'fp32': learn = learn.to_fp16() if precision == 'fp16' else learn.to_bf16()
+    if channels_last: learn.to_channelslast(use_amp=False)
+    return learn
 
 def _run(built, impl, lr, bs, steps, warmup):
     obj, dls = built
@@ -215,6 +219,11 @@ def peak_memory(**config):
 # %% ../nbs/21_bench.ipynb #14a09ba9
 _precisions = ('fp32', 'fp16', 'bf16')
 
+def _check_precision(precision, device):
+    if precision not in _precisions: raise ValueError(f"precision must be one of {', '.join(_precisions)}, got {precision!r}")
+    if precision != 'fp32' and torch.device(device).type != 'cuda':
+        raise ValueError(f"precision={precision} needs a CUDA device: fastai's mixed precision autocasts on CUDA only")
+
 def device_name(device):
     "The device in words, for the report"
     device = torch.device(device)
@@ -234,9 +243,7 @@ def run_bench(models=('resnet32', 'wrn16_4'), # networks trained together (zoo n
               lr:float=0.05, progress:bool=True):
     "Seconds per step, images per second and peak memory of each method, library and plain loop; one row each"
     device = str(device or default_device())
-    if precision not in _precisions: raise ValueError(f"precision must be one of {', '.join(_precisions)}, got {precision!r}")
-    if precision != 'fp32' and torch.device(device).type != 'cuda':
-        raise ValueError(f"precision={precision} needs a CUDA device: fastai's mixed precision autocasts on CUDA only")
+    _check_precision(precision, device)
     unknown = [m for m in methods if m not in distill_methods]
     if unknown: raise ValueError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(distill_methods)}")
     if min(rounds, steps, warmup, bs) < 1: raise ValueError("rounds, steps, warmup and bs must each be at least 1")
@@ -309,12 +316,16 @@ def afd_bench(models:str='resnet32,wrn16_4', # comma-separated networks (zoo nam
                          steps=steps, warmup=warmup, plain=not no_plain, memory=not no_memory)
     except ValueError as e:
         print(f"afd_bench: error: {e}", file=sys.stderr); sys.exit(2)
-    text = f"{runs.attrs['what']}\n\n{markdown_table(bench_report(runs))}\n"
+    return _write_tables(runs, runs.attrs['what'], bench_report(runs), out, 'bench')
+
+def _write_tables(df, what, table, out, name):
+    "Print `what` and `table`; write them to `out/<name>.md` and `df` to `out/<name>.csv`"
+    text = f"{what}\n\n{markdown_table(table)}\n"
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out/'bench.csv', index=False)
-    (out/'bench.md').write_text(text)
+    df.to_csv(out/f'{name}.csv', index=False)
+    (out/f'{name}.md').write_text(text)
     print('\n' + text, flush=True)
-    return runs
+    return df
 
 def _epochs(models, methods, bs, device, precision, channels_last, paper, n_train, n_valid, out):
     rows = [time_epoch([m.strip() for m in models.split(',')], m.strip(), n_train, n_valid, bs, device, precision, channels_last, paper)
@@ -325,20 +336,11 @@ def _epochs(models, methods, bs, device, precision, channels_last, paper, n_trai
             f"torch {torch.__version__}")
     table = pd.DataFrame({'method': df.method, 's/epoch': df.seconds_per_epoch.map('{:.1f}'.format),
                           '300 epochs (hours)': df.hours_for_epochs.map('{:.2f}'.format)})
-    text = f"{what}\n\n{markdown_table(table)}\n"
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out/'epoch.csv', index=False)
-    (out/'epoch.md').write_text(text)
-    print('\n' + text, flush=True)
-    return df
+    return _write_tables(df, what, table, out, 'epoch')
 
 def main(args:list=None):
     "Console entry point of `afd_bench` (options with - or _)"
-    parser = anno_parser(afd_bench, prog='afd_bench')
-    args = match_option_spelling(sys.argv[1:] if args is None else list(args), set(parser._option_string_actions))
-    kwargs = vars(parser.parse_args(args))
-    for extra in ('pdb', 'xtra'): kwargs.pop(extra, None)
-    afd_bench.__wrapped__(**kwargs) # returns nothing: a console script's return value becomes its exit status
+    run_script(afd_bench, args) # returns nothing: a console script's return value becomes its exit status
 
 # %% ../nbs/21_bench.ipynb #bf294de2
 def cifar_shaped_dls(n_train:int=50_000, n_valid:int=10_000, bs:int=128, c:int=100, device=None, seed:int=0):
@@ -355,14 +357,10 @@ def time_epoch(models=('resnet32', 'wrn16_4'), method:str='afd', n_train:int=50_
                device=None, precision:str='fp32', channels_last:bool=False, paper:bool=False, epochs:int=300):
     "Seconds of one training epoch plus validation on CIFAR-100-shaped data, and the hours `epochs` of them take"
     device = str(device or default_device())
-    if precision not in _precisions: raise ValueError(f"precision must be one of {', '.join(_precisions)}, got {precision!r}")
-    if precision != 'fp32' and torch.device(device).type != 'cuda':
-        raise ValueError(f"precision={precision} needs a CUDA device: fastai's mixed precision autocasts on CUDA only")
+    _check_precision(precision, device)
     set_seed(0)
     dls = cifar_shaped_dls(n_train, n_valid, bs, device=device)
-    learn = bench_learner(dls, list(models), method, paper=paper)
-    if precision != 'fp32': learn = learn.to_fp16() if precision == 'fp16' else learn.to_bf16()
-    if channels_last: learn.to_channelslast(use_amp=False)
+    learn = _prepare(bench_learner(dls, list(models), method, paper=paper), precision, channels_last)
     start = _sync(device)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1)
     seconds = _sync(device) - start

@@ -90,6 +90,10 @@ class ValidateEvery(Callback):
     def before_validate(self): # a skipped epoch validates on no batches: its columns are empty, the table stays aligned
         if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch: self.learn.dl = []
 
+def _valid_every(s, given):
+    "Epochs between validations: `given`, else the regime's in `s`; every epoch under the plateau schedule unless `given`"
+    return 1 if s['schedule'] == 'plateau' and given is None else s.get('valid_every') or 1
+
 def _fit(learn, epochs, lr, schedule, milestones, cbs=(), valid_every:int=1):
     if valid_every > 1:
         if schedule == 'plateau': raise ValueError("The plateau schedule watches the validation loss every epoch: keep valid_every=1")
@@ -137,8 +141,7 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
               **data_kwargs):
     "Train `models` together with `method` from seed `seed` (checkpoints in `out/models`); returns (learner, results row)"
     s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule, valid_every=valid_every, channels_last=channels_last)
-    epochs, lr, schedule, milestones, every = s['epochs'], s['lr'], s['schedule'], s.get('milestones'), s.get('valid_every') or 1
-    if schedule == 'plateau' and valid_every is None: every = 1 # it watches the validation loss every epoch
+    epochs, lr, schedule, milestones, every = s['epochs'], s['lr'], s['schedule'], s.get('milestones'), _valid_every(s, valid_every)
     models = [_sized(m, data, data_kwargs.get('size')) for m in models]
     make = lambda: make_dls(data, data_path, bs=bs, seed=seed, **data_kwargs)
     opt_func, wd = _optimiser(data)
@@ -243,7 +246,7 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, vali
     else: what = data
     if schedule == 'multistep': schedule += f" (lr × 0.1 at {', '.join(f'{m:.0%}' for m in s['milestones'])})"
     if schedule == 'plateau': schedule += " (lr ÷ 10 after 10 epochs without a lower validation loss)"
-    every = 1 if schedule.startswith('plateau') and valid_every is None else s.get('valid_every') or 1
+    every = _valid_every(s, valid_every)
     validated = f", validated every {every} epochs and after the last" if every > 1 else ""
     if s.get('channels_last'): validated += ", channels-last"
     return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}{validated}, "
@@ -280,7 +283,7 @@ def estimate_seconds(models, methods, data='digits', data_path=None, epochs=None
                      paper=False, adv_lr=None, valid_every=None, channels_last=None, **data_kwargs):
     "Seconds `run_experiment` with these arguments will take here, from a few timed training steps of each method"
     s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule, valid_every=valid_every, channels_last=channels_last)
-    every = 1 if s['schedule'] == 'plateau' and valid_every is None else s.get('valid_every') or 1
+    every = _valid_every(s, valid_every)
     validated = sum((e + 1) % every == 0 or e + 1 == s['epochs'] for e in range(s['epochs']))
     dls = make_dls(data, data_path, bs=bs, seed=0, **data_kwargs)
     opt_func, wd = _optimiser(data)

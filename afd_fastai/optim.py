@@ -24,7 +24,16 @@ def _weight_decay(opt, ps, lr, wd, decouple):
     else: torch._foreach_add_([p.grad for p in ps], ps, alpha=wd)
 
 class _ForeachOptimizer(Optimizer):
-    "fastai's `Optimizer` whose `zero_grad` zeroes every gradient at once (fastai's launches one kernel per tensor)"
+    "fastai's `Optimizer` stepping (`_step_group`) and zeroing each group's gradients at once (fastai's: one tensor at a time)"
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None: raise NotImplementedError("A closure is not supported, as by fastai's optimisers")
+        for pg, hyper in zip(self.param_lists, self.hypers):
+            ps = [p for p in pg if p.grad is not None]
+            if not ps: continue
+            _weight_decay(self, ps, hyper['lr'], hyper['wd'], self.decouple_wd)
+            self._step_group(ps, [p.grad for p in ps], hyper)
+
     @torch.no_grad()
     def zero_grad(self):
         grads = [p.grad for p, *_ in self.all_params(with_grad=True)]
@@ -37,20 +46,13 @@ class ForeachSGD(_ForeachOptimizer):
         super().__init__(params, [], lr=lr, mom=mom, wd=wd)
         self.decouple_wd,self.momentum = decouple_wd,mom != 0 # as fastai's: with momentum if built with it
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None: raise NotImplementedError("fastai optimizers currently do not support closure")
-        for pg, hyper in zip(self.param_lists, self.hypers):
-            ps = [p for p in pg if p.grad is not None]
-            if not ps: continue
-            lr, mom = hyper['lr'], hyper['mom']
-            _weight_decay(self, ps, lr, hyper['wd'], self.decouple_wd)
-            grads = [p.grad for p in ps]
-            if self.momentum:
-                avgs = [_state(self, p, 'grad_avg') for p in ps]
-                torch._foreach_mul_(avgs, mom); torch._foreach_add_(avgs, grads)
-                torch._foreach_add_(ps, avgs, alpha=-lr)
-            else: torch._foreach_add_(ps, grads, alpha=-lr)
+    def _step_group(self, ps, grads, hyper):
+        lr, mom = hyper['lr'], hyper['mom']
+        if self.momentum:
+            avgs = [_state(self, p, 'grad_avg') for p in ps]
+            torch._foreach_mul_(avgs, mom); torch._foreach_add_(avgs, grads)
+            torch._foreach_add_(ps, avgs, alpha=-lr)
+        else: torch._foreach_add_(ps, grads, alpha=-lr)
 
 class ForeachAdam(_ForeachOptimizer):
     "fastai's `Adam` (`mom`, `sqr_mom`, `eps`, `wd`, `decouple_wd`), each parameter group stepped at once with torch's foreach kernels"
@@ -58,26 +60,19 @@ class ForeachAdam(_ForeachOptimizer):
         super().__init__(params, [], lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
         self.decouple_wd = decouple_wd
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None: raise NotImplementedError("fastai optimizers currently do not support closure")
-        for pg, hyper in zip(self.param_lists, self.hypers):
-            ps = [p for p in pg if p.grad is not None]
-            if not ps: continue
-            lr, mom, sqr_mom, eps = hyper['lr'], hyper['mom'], hyper['sqr_mom'], hyper['eps']
-            _weight_decay(self, ps, lr, hyper['wd'], self.decouple_wd)
-            grads = [p.grad for p in ps]
-            avgs, sqrs = [_state(self, p, 'grad_avg') for p in ps], [_state(self, p, 'sqr_avg') for p in ps]
-            torch._foreach_mul_(avgs, mom); torch._foreach_add_(avgs, grads, alpha=1 - mom)
-            torch._foreach_mul_(sqrs, sqr_mom); torch._foreach_addcmul_(sqrs, grads, grads, value=1 - sqr_mom)
-            by_step = {}
-            for i, p in enumerate(ps):
-                st = self.state[p]
-                st['step'] = st.get('step', 0) + 1
-                by_step.setdefault(st['step'], []).append(i)
-            for step, idx in by_step.items(): # the bias corrections depend on each parameter's own step count
-                debias1 = (1 - mom) * (1 - mom ** step) / (1 - mom)
-                debias2 = (1 - sqr_mom) * (1 - sqr_mom ** step) / (1 - sqr_mom)
-                denom = torch._foreach_div([sqrs[i] for i in idx], debias2)
-                torch._foreach_sqrt_(denom); torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_([ps[i] for i in idx], [avgs[i] for i in idx], denom, value=-lr / debias1)
+    def _step_group(self, ps, grads, hyper):
+        lr, mom, sqr_mom, eps = hyper['lr'], hyper['mom'], hyper['sqr_mom'], hyper['eps']
+        avgs, sqrs = [_state(self, p, 'grad_avg') for p in ps], [_state(self, p, 'sqr_avg') for p in ps]
+        torch._foreach_mul_(avgs, mom); torch._foreach_add_(avgs, grads, alpha=1 - mom)
+        torch._foreach_mul_(sqrs, sqr_mom); torch._foreach_addcmul_(sqrs, grads, grads, value=1 - sqr_mom)
+        by_step = {}
+        for i, p in enumerate(ps):
+            st = self.state[p]
+            st['step'] = st.get('step', 0) + 1
+            by_step.setdefault(st['step'], []).append(i)
+        for step, idx in by_step.items(): # the bias corrections depend on each parameter's own step count
+            debias1 = (1 - mom) * (1 - mom ** step) / (1 - mom)
+            debias2 = (1 - sqr_mom) * (1 - sqr_mom ** step) / (1 - sqr_mom)
+            denom = torch._foreach_div([sqrs[i] for i in idx], debias2)
+            torch._foreach_sqrt_(denom); torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_([ps[i] for i in idx], [avgs[i] for i in idx], denom, value=-lr / debias1)
