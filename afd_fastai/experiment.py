@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from fastai.torch_core import set_seed
 import torch
-from fastai.learner import Learner, Recorder
+from fastai.learner import Learner, Recorder, ValueMetric
 from fastai.callback.core import Callback, CancelFitException
 import fastai.callback.channelslast # Learner.to_channelslast
 from fastai.losses import CrossEntropyLossFlat
@@ -23,7 +23,7 @@ from .fair_data import digits_s_dls, cifar10s_dls, utkface_dls, celeba_dls
 from .groups import GroupTarget
 from .models import cifar10s_net
 from .optim import ForeachAdam
-from fastai.callback.tracker import ReduceLROnPlateau
+from fastai.callback.tracker import ReduceLROnPlateau, TrackerCallback
 from functools import partial
 from .methods import paper_sgd, regimes, distill_methods, settings_for
 from .methods import paper as paper_values
@@ -87,8 +87,21 @@ class ValidateEvery(Callback):
     "Validate only every `n` epochs and after the last (the other epochs' validation columns stay empty)"
     order = Recorder.order + 1 # after the Recorder has reset the metrics (and before the progress bar starts)
     def __init__(self, n:int=1): self.n = n
+    def before_fit(self):
+        if self.n <= 1: return
+        for cb in self.learn.cbs:
+            if isinstance(cb, TrackerCallback) and not getattr(cb, 'every_epoch', False) and self._validated(cb.monitor):
+                raise ValueError(f"ValidateEvery({self.n}) leaves epochs without validation, but {type(cb).__name__} watches "
+                                 f"{cb.monitor!r} after every epoch: validate every epoch, or have it watch 'train_loss'")
+    def _validated(self, name):
+        "Whether the column `name` comes from validation (the validation loss or a metric computed over the validation set)"
+        if name == 'valid_loss': return True
+        return any(m.name == name and not isinstance(m, ValueMetric) for m in self.learn.metrics)
     def before_validate(self): # a skipped epoch validates on no batches: its columns are empty, the table stays aligned
-        if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch: self.learn.dl = []
+        if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch:
+            started = iter(self.dl) # start the loader as validation would (torch draws a seed from its generator
+            next(started, None); started.close() # there), so that training then sees what it would have seen
+            self.learn.dl = []
 
 def _valid_every(s, given):
     "Epochs between validations: `given`, else the regime's in `s`; every epoch under the plateau schedule unless `given`"

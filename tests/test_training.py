@@ -174,3 +174,26 @@ def test_every_method_steps_under_cpu_bf16_autocast(method):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after)
     assert max((a - b).abs().max().item() for a, b in zip(after, before)) > 1e-3 # trained
     assert all(math.isfinite(v) for v in learn.recorder.values[-1] if v is not None), learn.recorder.values[-1]
+
+def test_validate_every_beside_stock_callbacks(tmp_path):
+    "ValidateEvery with GradientAccumulation, GradientClip and SaveModelCallback: the same weights as validating every epoch; a watcher of validation refused"
+    from fastai.callback.training import GradientAccumulation, GradientClip
+    from fastai.callback.tracker import SaveModelCallback, EarlyStoppingCallback
+    from afd_fastai.experiment import ValidateEvery
+    from fastai.torch_core import set_seed
+    def run(every): # networks with dropout: training draws from torch's generator, as starting a loader does
+        set_seed(0, reproducible=True)
+        dls = digits_dls(size=16, n_per_class=10, bs=16, seed=0)
+        nets = [cifar10s_net(n_out=10, size=16), cifar10s_net(n_out=10, size=16)]
+        learn = afd_learner(dls, nets, method='afd', path=tmp_path/str(every))
+        cbs = [GradientAccumulation(32), GradientClip(1.), SaveModelCallback(fname='ck', every_epoch=True, with_opt=True)]
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.05, cbs=cbs + [ValidateEvery(every)])
+        return learn
+    every, each = run(3), run(1)
+    assert [v[1] is not None for v in every.recorder.values] == [False, False, True, True]
+    for (k, a), b in zip(every.model.state_dict().items(), each.model.state_dict().values()): assert torch.equal(a, b), k
+    assert sorted(f.name for f in (tmp_path/'3'/'models').iterdir()) == [f'ck_{i}.pth' for i in range(4)]
+    for watcher in (SaveModelCallback(monitor='valid_loss'), EarlyStoppingCallback(monitor='acc_avg')):
+        with pytest.raises(ValueError, match=r"ValidateEvery\(3\) leaves epochs without validation, but .* watches"):
+            every.fit(1, 0.01, cbs=[watcher, ValidateEvery(3)])
+    every.fit(1, 0.01, cbs=[SaveModelCallback(monitor='train_loss', fname='best'), ValidateEvery(3)]) # the training loss is always there
