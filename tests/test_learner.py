@@ -163,3 +163,38 @@ def test_compiled_networks_step_as_eager_ones(tmp_path):
     comp.save('compiled')
     eager.load('compiled')
     for a, b in zip(eager.model.state_dict().values(), comp.model.state_dict().values()): assert torch.equal(a, b)
+
+
+KILL_CHILD = '''
+import sys, torch
+from afd_fastai.all import *
+from fastai.torch_core import set_seed
+set_seed(0)
+learn = afd_learner(digits_dls(size=16, n_per_class=5, bs=16), ['wrn16_4', 'wrn16_4'], method='afd', path=sys.argv[1])
+learn.create_opt()
+ckpt = CheckpointCallback('run')
+ckpt.learn = learn
+first = learn.model.models[0].body[0].weight
+for i in range(1000):
+    with torch.no_grad(): first.fill_(float(i)) # which save a checkpoint holds
+    ckpt._save('run')
+    print(i, flush=True)
+'''
+
+@pytest.mark.parametrize('delay', [0.0, 0.03, 0.07, 0.13])
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, delay):
+    "SIGKILL a process that keeps checkpointing (AFD, both optimisers): the file on disk always loads, from the last save or the one after"
+    import subprocess, sys, time, signal
+    child = subprocess.Popen([sys.executable, '-c', KILL_CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        saved = [int(child.stdout.readline())] # the first save is complete
+        time.sleep(delay)
+    finally:
+        child.send_signal(signal.SIGKILL)
+    rest, _ = child.communicate()
+    saved += [int(l) for l in rest.split()]
+    learn = afd_learner(digits_dls(size=16, n_per_class=5, bs=16), ['wrn16_4', 'wrn16_4'], method='afd', path=tmp_path)
+    learn.create_opt()
+    learn.load('run') # with both optimisers' states
+    held = learn.model.models[0].body[0].weight
+    assert held.min() == held.max() and int(held[0, 0, 0, 0]) in (saved[-1], saved[-1] + 1), (held.flatten()[:3], saved[-3:])
