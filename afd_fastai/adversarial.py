@@ -13,15 +13,16 @@ from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import store_attr, patch, GetAttr
 from fastcore.foundation import L
-from fastai.torch_core import params, find_bs
+from fastai.torch_core import params, find_bs, num_distrib
 from fastai.learner import Recorder, ValueMetric
 from fastai.callback.core import Callback
-from .core import PeerModel
+from .core import PeerModel, peer_model
 from .losses import adversarial_losses, at_least_fp32
 from .topology import as_topology
 from .methods import paper, adv_adam
 from .schedule import MultiStepSchedule
 from .distill import TermCallback
+from .distributed import all_reduce_mean
 import warnings
 
 # %% ../nbs/05_adversarial.ipynb #cec06cb6
@@ -146,7 +147,7 @@ class AdversarialFeatureCallback(Callback):
 
     def make_opt(self):
         "The second optimiser: over the discriminators and transfer layers, and the networks unless `gen_weight` is set"
-        model = self.learn.model
+        model = peer_model(self.learn)
         groups = [params(model.adversaries)] if self.gen_weight is not None else [params(model.models), params(model.adversaries)]
         return self.opt_func(groups, lr=self.lr, wd=self.wd)
     @property
@@ -156,6 +157,8 @@ class AdversarialFeatureCallback(Callback):
         self.edges = self._check_model()
         self.active,self.new_fit,self.grads = not hasattr(self.learn, 'lr_finder'),True,None # lr_find: the logit loss only
     def before_train(self): self.sums = [0., 0., 0]
+    def after_train(self): # data-parallel: the columns over every process's batches
+        if num_distrib() > 1: self.sums = all_reduce_mean(torch.tensor(self.sums, dtype=torch.float64)[None])[0].tolist()
     def before_batch(self):
         if not self.active: return
         if self.new_fit: self._start()
@@ -163,7 +166,7 @@ class AdversarialFeatureCallback(Callback):
 
     def after_loss(self):
         if not self.active: return
-        model = self.learn.model
+        model = peer_model(self.learn)
         d_loss, g_loss = adversarial_losses(model.feature_maps, model.adversaries, self.edges)
         d, g = torch.stack([d_loss.detach(), g_loss.detach()]).float().tolist()
         if not (math.isfinite(d) and math.isfinite(g)): self._fail('losses', d, g)
@@ -176,6 +179,7 @@ class AdversarialFeatureCallback(Callback):
     def after_step(self):
         if self.grads is None: return
         opt = self.adv_opt
+        all_reduce_mean(self.grads) # data-parallel: DDP never sees autograd.grad's gradients
         for p, *_ in opt.all_params(): p.grad = None # the logit gradients are the first optimiser's
         for p, grad in zip(self.params, self.grads): p.grad = grad
         if self.adv_scaler is None: opt.step()
@@ -207,7 +211,7 @@ class AdversarialFeatureCallback(Callback):
 @patch
 def _check_model(self:AdversarialFeatureCallback):
     "The model's adversary edges, which must be those of the callback's topology"
-    model = self.learn.model
+    model = peer_model(self.learn)
     if not isinstance(model, PeerModel) or getattr(model, 'adversaries', None) is None:
         raise TypeError(f"{type(self).__name__} needs a PeerModel with discriminators: build the learner with "
                         "afd_learner(..., method='afd'), or call add_adversaries(model, topology) after model.setup(x)")
@@ -225,7 +229,7 @@ def _start(self:AdversarialFeatureCallback):
     self.adv_scaler,self.skipped_steps,self.new_fit = self._make_scaler(),0,False
     lr = self.lr * self.lr_steps / (self.n_epoch * len(self.dls.train)) if self.lr_steps else self.lr
     self.schedule,self.lr_scale,self.losing,self.warned = MultiStepSchedule(lr, self.milestones, self.gamma),1.,0,False
-    model = self.learn.model # who gets which gradient, for this fit (freeze/unfreeze happen between fits)
+    model = peer_model(self.learn) # who gets which gradient, for this fit (freeze/unfreeze happen between fits)
     transfer = [p for a in model.adversaries for p in a.transfer.parameters()]
     extractors = params(model.models) if self.gen_weight is None else [] # with gen_weight: through the Learner's loss
     self.gen = [p for p in extractors + transfer if p.requires_grad]
@@ -233,11 +237,27 @@ def _start(self:AdversarialFeatureCallback):
     self.params = self.gen + self.disc
     self.learn.recorder.d_losses,self.learn.recorder.g_losses = L(),L()
     self.n_students = len({s for _, s in self.edges}) # per-network g_loss, for the divergence watch
+    resumed,self.resumed = getattr(self, 'resumed', None),None # a resumed fit: the state at its checkpoint
+    if resumed:
+        self.lr_scale,self.losing,self.warned,self.skipped_steps = resumed['lr_scale'],resumed['losing'],resumed['warned'],resumed['skipped_steps']
+        if self.adv_scaler is not None and resumed['scaler'] is not None: self.adv_scaler.load_state_dict(resumed['scaler'])
+
+@patch
+def training_state(self:AdversarialFeatureCallback):
+    "What a resumed fit needs beyond the optimisers: the back-off's lr scale, the divergence watch, the loss scale"
+    if not hasattr(self, 'schedule'): return None
+    return dict(lr_scale=self.lr_scale, losing=self.losing, warned=self.warned, skipped_steps=self.skipped_steps,
+                scaler=self.adv_scaler.state_dict() if self.adv_scaler is not None else None)
+
+@patch
+def load_training_state(self:AdversarialFeatureCallback, state):
+    "Keep `state` (from `training_state`) for the fit's first batch, where the callback sets itself up"
+    self.resumed = state
 
 @patch
 def _make_scaler(self:AdversarialFeatureCallback):
     "A `GradScaler` for the adversarial gradients where fp16 needs one (or `loss_scale` asks for one)"
-    device = next(self.learn.model.parameters()).device.type
+    device = next(peer_model(self.learn).parameters()).device.type
     if self.loss_scale is not None:
         return torch.amp.GradScaler(device, init_scale=self.loss_scale) if self.loss_scale else None
     mp = getattr(self.learn, 'mixed_precision', None)

@@ -24,9 +24,10 @@ from .interpret import *
 from .groups import *
 from .fair_data import *
 from .fair import *
+from .distributed import *
 from .experiment import run_experiment, make_dls
 from . import (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics, learner,
-                        data, baselines, presets, interpret, groups, fair_data, fair)
+                        data, baselines, presets, interpret, groups, fair_data, fair, distributed)
 __all__ = [name for module in (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics,
-                               learner, data, baselines, presets, interpret, groups, fair_data, fair)
+                               learner, data, baselines, presets, interpret, groups, fair_data, fair, distributed)
            for name in module.__all__] + ['run_experiment', 'make_dls']

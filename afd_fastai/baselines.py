@@ -16,7 +16,7 @@ from fastcore.basics import store_attr, listify
 from fastai.callback.core import Callback
 from fastai.torch_core import params
 from .models import BodyHeadNet
-from .core import PeerModel, model_name
+from .core import PeerModel, model_name, peer_model
 from .losses import soft_kl, distill_loss, ensemble_kd_loss, gated_kd_loss, alignment_loss
 from .topology import as_topology
 from .methods import paper
@@ -42,7 +42,7 @@ class AlternatingDMLCallback(Callback):
         if getattr(self.learn, 'mixed_precision', None) is not None:
             raise ValueError("dml_alternating steps the optimiser once per network in a batch and does not combine with "
                              "to_fp16/to_bf16: use method='dml' (synchronous) for mixed precision")
-        self.topo = as_topology(self.topology, len(self.learn.model.models))
+        self.topo = as_topology(self.topology, len(peer_model(self.learn).models))
 
     def network_loss(self, preds, k:int):
         "Network `k`'s loss: cross-entropy plus `weight`·T²·KL averaged over its teachers"
@@ -54,7 +54,7 @@ class AlternatingDMLCallback(Callback):
 
     def _only(self, k):
         "Drop the gradients of every network but `k`, so that the optimiser leaves them alone"
-        for i, net in enumerate(self.learn.model.models):
+        for i, net in enumerate(peer_model(self.learn).models):
             if i != k:
                 for p in net.parameters(): p.grad = None
 
@@ -63,8 +63,8 @@ class AlternatingDMLCallback(Callback):
         self.losses = [self.learn.loss_grad.detach()]
     def before_step(self): self._only(0)
     def after_step(self):
-        model = self.learn.model
-        for k in range(1, len(model.models)):
+        model = peer_model(self.learn) # through DistributedDataParallel where training is distributed
+        for k in range(1, len(peer_model(self.learn).models)):
             for p in model.parameters(): p.grad = None
             loss = self.network_loss(model(*self.learn.xb), k)
             loss.backward()
@@ -93,14 +93,14 @@ class FeatureAlignCallback(TermCallback):
                  dist=F.l1_loss): # distance between two aligned maps
         store_attr()
     def before_fit(self):
-        model = self.learn.model
+        model = peer_model(self.learn)
         if getattr(model, 'aligners', None) is None:
             raise TypeError(f"{type(self).__name__} needs a PeerModel with alignment layers: build the learner with "
                             "afd_learner(..., method='l1'), or call add_aligners(model, topology) after model.setup(x)")
         if list(model.aligner_edges) != as_topology(self.topology, len(model.models)).edges:
             raise ValueError(f"The model's alignment layers are for the edges {model.aligner_edges}: build a new learner for another topology")
     def term(self):
-        model = self.learn.model
+        model = peer_model(self.learn)
         return alignment_loss(model.feature_maps, model.aligners, model.aligner_edges, self.dist)
 
 # %% ../nbs/12_baselines.ipynb #4c95d125
@@ -108,7 +108,7 @@ class FrozenTeacherCallback(Callback):
     "Keep network `k` fixed: `requires_grad` off, no gradient left (so no optimiser steps it, weight decay included), eval mode"
     def __init__(self, k:int=0): self.k = k
     @property
-    def teacher(self): return self.learn.model.models[self.k]
+    def teacher(self): return peer_model(self.learn).models[self.k]
     def _freeze(self):
         for p in self.teacher.parameters(): p.requires_grad_(False); p.grad = None # a gradient left from its own training would let the optimiser decay it
     def after_create(self): self._freeze()

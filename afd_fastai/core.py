@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['pooling_types', 'has_body', 'default_feature_layer', 'probe_forward', 'find_feature_layer', 'model_name',
-           'unique_names', 'head_modules', 'PeerModel', 'peer_splitter']
+           'unique_names', 'head_modules', 'PeerModel', 'peer_splitter', 'peer_model']
 
 # %% ../nbs/01_core.ipynb #13bbad5e
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 from fastcore.basics import listify, patch
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
+from torch.nn.parallel import DistributedDataParallel, DataParallel
 from fastai.callback.hook import Hooks, hook_output
 
 # %% ../nbs/01_core.ipynb #fd2a2de8
@@ -210,3 +211,9 @@ def peer_splitter(model:PeerModel):
     body = [p for p in params(model.models) if id(p) not in head_ids]
     aligners = getattr(model, 'aligners', None)
     return [body, [p for group in heads for p in group] + (params(aligners) if aligners is not None else [])]
+
+# %% ../nbs/01_core.ipynb #f010fef6
+def peer_model(learn):
+    "The learner's `PeerModel`: `learn.model`, or the module inside its (Distributed)DataParallel wrapper"
+    model = learn.model
+    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model

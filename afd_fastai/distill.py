@@ -13,6 +13,9 @@ from fastcore.basics import store_attr
 from .losses import distill_loss
 from .topology import as_topology
 from .methods import paper
+from .core import peer_model
+from .distributed import all_reduce_mean
+from fastai.torch_core import num_distrib
 
 # %% ../nbs/04_distill.ipynb #18b6aa89
 class TermCallback(Callback):
@@ -25,6 +28,8 @@ class TermCallback(Callback):
         "The share of `weight` in force now: a linear ramp from 0 to 1 over the first `warmup` of training (1 without)"
         return min(1., self.pct_train / self.warmup) if self.warmup else 1.
     def before_train(self): self.total,self.count = 0.,0
+    def after_train(self): # data-parallel: the column over every process's batches
+        if num_distrib() > 1 and self.count: self.total = all_reduce_mean([torch.as_tensor(self.total, dtype=torch.float64).clone()])[0]
     def after_loss(self):
         if not self.weight: return
         value = self.term()
@@ -48,5 +53,5 @@ class DistillCallback(TermCallback):
                  weight:float=paper.kd_weight, # weight of the distillation term
                  topology='mutual'): # a `Topology`, or 'mutual' / 'cyclic'
         store_attr()
-    def before_fit(self): self.edges = as_topology(self.topology, len(self.learn.model.models)).edges
+    def before_fit(self): self.edges = as_topology(self.topology, len(peer_model(self.learn).models)).edges
     def term(self): return distill_loss(self.pred, self.edges, self.T)

@@ -8,10 +8,10 @@ __all__ = ['demo_methods', 'fair_data_sets', 'data_sets', 'fair_demo_methods', '
            'paired_ci', 'describe_regime', 'describe_settings', 'estimate_seconds', 'run_experiment']
 
 # %% ../nbs/10a_experiment.ipynb #e0d86867
-import time, contextlib
+import time, contextlib, os
 from pathlib import Path
 import pandas as pd
-from fastai.torch_core import set_seed
+from fastai.torch_core import set_seed, num_distrib, rank_distrib
 import torch
 from fastai.learner import Learner, Recorder, ValueMetric
 from fastai.callback.core import Callback, CancelFitException
@@ -131,6 +131,15 @@ def _sized(arch, data, size=None):
     if arch == 'cifar10s_net' and data == 'digits_s': return partial(cifar10s_net, size=size or regimes['digits_s']['size'])
     return arch
 
+def _csv_replace(df, file):
+    "Write `df` to `file` atomically: a process killed meanwhile leaves the previous file whole"
+    df.to_csv(file.with_name(file.name + '.partial'), index=False)
+    os.replace(file.with_name(file.name + '.partial'), file)
+
+def _data_parallel(learn):
+    "`learn.distrib_ctx()` where the process was started by torchrun / accelerate launch with others"
+    return learn.distrib_ctx() if num_distrib() > 1 else contextlib.nullcontext()
+
 def train_teacher(arch, dls, epochs, lr, schedule, milestones=(0.5, 0.75), seed=0, out=None, progress=True, opt_func=paper_sgd, wd=1e-4,
                   valid_every:int=1, channels_last:bool=False):
     "Train the teacher of an offline method alone (same optimiser and schedule as the students); save the module"
@@ -141,16 +150,17 @@ def train_teacher(arch, dls, epochs, lr, schedule, milestones=(0.5, 0.75), seed=
                     metrics=accuracy, cbs=groups)
     if channels_last: learn.to_channelslast(use_amp=False)
     if progress: print(f"-- training the teacher ({getattr(model, 'arch', None) or arch}) first", flush=True)
-    with _quiet(learn, progress): _fit(learn, epochs, lr, schedule, milestones, valid_every=valid_every)
+    with _quiet(learn, progress), _data_parallel(learn): _fit(learn, epochs, lr, schedule, milestones, valid_every=valid_every)
     if out is not None:
         (Path(out)/'models').mkdir(parents=True, exist_ok=True)
-        torch.save(model, Path(out)/'models'/f'teacher_{getattr(model, "arch", None) or type(model).__name__.lower()}_seed{seed}.pth')
+        if not rank_distrib(): torch.save(model, Path(out)/'models'/f'teacher_{getattr(model, "arch", None) or type(model).__name__.lower()}_seed{seed}.pth')
     return model
 
 def train_one(models, method, data='digits', data_path=None, epochs=None, bs=None, lr=None, seed=0,
               schedule=None, progress=True, out=None, adv_lr=None, teacher=None, preset=None, cbs=(), paper=False,
               valid_every:int=None, # validate every this many epochs and after the last (default: the regime's; 1 = every epoch)
               channels_last:bool=None, # networks and inputs in channels-last memory format (default: the regime's)
+              resume:bool=False, # continue from the run's checkpoint in `out/models` (and its trained teacher), if there is one
               **data_kwargs):
     "Train `models` together with `method` from seed `seed` (checkpoints in `out/models`); returns (learner, results row)"
     s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule, valid_every=valid_every, channels_last=channels_last)
@@ -160,6 +170,8 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
     opt_func, wd = _optimiser(data)
     kwargs = dict(paper=paper, adv_lr=adv_lr, opt_func=opt_func, wd=wd, **(getattr(preset, 'settings', None) or {}))
     if distill_methods[method].offline:
+        trained = sorted((Path(out)/'models').glob(f'teacher_*_seed{seed}.pth')) if resume and out is not None else []
+        if teacher is None and trained: teacher = trained[-1] # trained before the interruption
         if teacher is None:
             set_seed(seed, reproducible=True)
             teacher = train_teacher(models[0], make(), epochs, lr, schedule, milestones, seed, out, progress, opt_func, wd, every,
@@ -172,9 +184,9 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
     cbs = list(cbs)
     if out is not None:
         learn.path = Path(out)
-        cbs.append(CheckpointCallback(f'{method}_seed{seed}'))
+        cbs.append(CheckpointCallback(f'{method}_seed{seed}', resume=resume))
     start = time.time()
-    with _quiet(learn, progress): _fit(learn, epochs, lr, schedule, milestones, cbs, every)
+    with _quiet(learn, progress), _data_parallel(learn): _fit(learn, epochs, lr, schedule, milestones, cbs, every)
     paper_cols = preset.paper_columns(learn.names) if preset is not None else None
     return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
 
@@ -324,9 +336,13 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
                    paper:bool=False, # the paper's method settings (`afd_learner(paper=True)`) instead of the library's
                    valid_every:int=None, # validate every this many epochs and after the last (default: the regime's)
                    channels_last:bool=None, # networks and inputs in channels-last memory format (default: the regime's)
+                   resume:bool=False, # continue an interrupted experiment in `out`: finished runs kept, the others from their checkpoints
                    **data_kwargs):
     "Train `models` with every method and seed; print and write the per-run and the summary tables"
     runs, names, teachers = [], None, {} # the teacher trained for a seed teaches every offline method of that seed
+    writes = out is not None and not rank_distrib() # data-parallel: process 0 writes
+    if resume and out is None: raise ValueError("resume=True continues the runs saved in `out`: give the folder")
+    done = pd.read_csv(Path(out)/'runs.csv') if resume and (Path(out)/'runs.csv').exists() else None # finished runs
     started = time.time()
     if progress:
         est = estimate_seconds(models, methods, data, data_path, epochs, bs, lr, seeds, schedule, paper, adv_lr, valid_every,
@@ -336,13 +352,19 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
               f"{_minutes(est)} on this machine (estimated from a few timed training steps)", flush=True)
     for method in methods:
         for seed in seeds:
+            finished = done[(done['method'] == method) & (done['seed'] == seed)] if done is not None else []
+            if len(finished):
+                if progress and not rank_distrib(): print(f"\n== {method}, seed {seed}: finished before, kept", flush=True)
+                runs.append(finished.iloc[-1].to_dict()); names = names or [c[4:] for c in finished.columns if c.startswith('acc_') and c not in ('acc_avg', 'acc_ens')]
+                continue
             if progress: print(f"\n== {method}, seed {seed}", flush=True)
             learn, row = train_one(models, method, data, data_path, epochs, bs, lr, seed, schedule, progress, out, adv_lr,
                                    teacher or teachers.get(seed), preset, paper=paper, valid_every=valid_every,
-                                   channels_last=channels_last, **data_kwargs)
+                                   channels_last=channels_last, resume=resume, **data_kwargs)
             if distill_methods[method].offline: teachers[seed] = learn.model.models[0]
             runs.append(row)
             names = learn.names
+            if writes: Path(out).mkdir(parents=True, exist_ok=True); _csv_replace(pd.DataFrame(runs), Path(out)/'runs.csv')
     runs = pd.DataFrame(runs)
     runs = runs[[c for c in runs.columns if c != 'seconds'] + ['seconds']]
     summary = summarise(runs)
@@ -354,7 +376,7 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
     if preset is not None:
         report = (f"Preset {preset.name} (the paper's Table {preset.table}{'; ' + preset.note if preset.note else ''})\n\n"
                   + report + f"\nBeside the paper:\n\n{markdown_table(preset_report(preset, runs, names))}\n")
-    if out is not None:
+    if writes:
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         runs.to_csv(out/'results.csv', index=False)
         (out/'results.md').write_text(report)

@@ -20,6 +20,7 @@ from .optim import ForeachAdam
 from fastai.torch_core import params
 from .losses import at_least_fp32, distill_loss, mean_over_teachers
 from .topology import as_topology
+from .core import peer_model
 from .methods import DistillMethod, register_method
 from .distill import TermCallback
 from .adversarial import shared_size, PeerOptimizer
@@ -108,7 +109,7 @@ class GroupAdversaries(nn.Module):
 # %% ../nbs/20_fair.ipynb #b016798c
 class TeacherTerm(TermCallback):
     "A term between the frozen teacher (network 0) and each student"
-    def before_fit(self): self.edges = as_topology('from_teacher', len(self.learn.model.models)).edges
+    def before_fit(self): self.edges = as_topology('from_teacher', len(peer_model(self.learn).models)).edges
     @property
     def group(self):
         group = getattr(self.learn, 'group', None)
@@ -117,7 +118,7 @@ class TeacherTerm(TermCallback):
         return group
     def over_students(self, loss, regressed:bool=False):
         "Sum over students of `loss(student feature, teacher feature)`, the student's through its regressor if `regressed`"
-        maps, regs = self.learn.model.feature_maps, getattr(self.learn.model, 'regressors', None) if regressed else None
+        maps, regs = peer_model(self.learn).feature_maps, getattr(peer_model(self.learn), 'regressors', None) if regressed else None
         return mean_over_teachers(self.edges, lambda i, t, s: loss(maps[s] if regs is None else regs[i](maps[s]), maps[t]))
 
 class HintonKDCallback(TeacherTerm):
@@ -207,18 +208,18 @@ class GroupAdversaryCallback(TeacherTerm):
     def __init__(self, weight:float=1e-3, ad_lr:float=3e-3): self.weight,self.lr = weight,ad_lr
     def make_opt(self):
         "The adversaries' Adam (the learner's second optimiser)"
-        return ForeachAdam(params(self.learn.model.group_adversaries), lr=self.lr, wd=0.)
+        return ForeachAdam(params(peer_model(self.learn).group_adversaries), lr=self.lr, wd=0.)
     def before_fit(self):
         super().before_fit()
         self.active,self.cancelled = not hasattr(self.learn, 'lr_finder'),False
         if len({s for _, s in self.edges}) != 1: raise ValueError("AD trains one student against its adversaries: give one student network")
     def term(self):
         s = self.edges[0][1]
-        return self.learn.model.group_adversaries(self.pred[s], self.y, self.group)
+        return peer_model(self.learn).group_adversaries(self.pred[s], self.y, self.group)
     def after_cancel_step(self): self.cancelled = True
     def after_step(self):
         cancelled,self.cancelled = self.cancelled,False
-        adv = params(self.learn.model.group_adversaries)
+        adv = params(peer_model(self.learn).group_adversaries)
         grads = [p.grad for p in adv if p.grad is not None]
         if not grads: return
         finite = torch.stack([g.isfinite().all() for g in grads]).all()

@@ -5,10 +5,12 @@
 # %% auto #0
 __all__ = ['aligners', 'cyclic_from_three', 'adversarial_callback', 'method_callbacks', 'torchvision_models', 'known_model',
            'resolve_model', 'AFDLearner', 'build_peer_model', 'add_method_modules', 'check_feature_maps', 'afd_learner',
-           'CheckpointCallback']
+           'CheckpointCallback', 'training_state', 'load_training_state']
 
 # %% ../nbs/08_learner.ipynb #e2ed74da
-import inspect, os
+import inspect, os, random
+import numpy as np
+from contextlib import contextmanager
 from functools import partial
 import torch
 from torch import nn
@@ -18,10 +20,13 @@ from fastcore.xtras import join_path_file
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.learner import Learner, load_model
+from fastai.torch_core import rank_distrib, get_model
+from fastai.callback.core import CancelEpochException
+from fastai.callback.progress import ProgressCallback
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, LossMetrics
 from fastai.interpret import ClassificationInterpretation
-from fastai.callback.tracker import SaveModelCallback
+from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 import torchvision
 from .models import zoo_model, model_zoo
 from .core import PeerModel, peer_splitter, model_name
@@ -31,6 +36,7 @@ from .optim import ForeachAdam
 from .schedule import fit_multistep, MultiStepSchedule
 from .distill import DistillCallback
 from .adversarial import AdversarialFeatureCallback, FeatureAdversary, PeerOptimizer
+from .distributed import PeerDistributedTrainer
 from .topology import as_topology
 from .metrics import peer_metrics
 from .groups import GroupTarget, fairness_metrics
@@ -174,6 +180,18 @@ class AFDLearner(Learner):
         probs, targs = self.get_preds(dl=dl, act=act)
         losses = F.nll_loss(probs.clamp_min(1e-12).log(), targs.as_subclass(torch.Tensor).long(), reduction='none')
         return ClassificationInterpretation(self, dl, losses, act)
+
+    def to_distributed(self, sync_bn:bool=False, **kwargs):
+        "Add a `PeerDistributedTrainer` (fastai's `DistributedTrainer` for several networks)"
+        self.add_cb(PeerDistributedTrainer(sync_bn, **kwargs))
+        if rank_distrib(): self.remove_cb(ProgressCallback)
+        return self
+
+    @contextmanager
+    def distrib_ctx(self, sync_bn:bool=False, # every BatchNorm a SyncBatchNorm (GPUs only); False: each process's own share
+                    in_notebook:bool=False, **kwargs):
+        "fastai's `distrib_ctx`: data-parallel training over the processes `torchrun`/`accelerate launch` started"
+        with Learner.distrib_ctx(self, sync_bn, in_notebook, **kwargs): yield self
 
     def load(self, file, device=None, with_opt:bool=True, strict:bool=True, **kwargs):
         "fastai's `load`; a checkpoint of afd_fastai 0.0.1 (second optimiser under 'callbacks') is converted"
@@ -319,9 +337,86 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
 
 # %% ../nbs/08_learner.ipynb #c7751bf9
 class CheckpointCallback(SaveModelCallback):
-    "fastai's `SaveModelCallback` saving every epoch to the one file `fname`, replaced atomically"
-    def __init__(self, fname:str='checkpoint', with_opt:bool=True):
+    "Save the model, both optimisers and the training state after every epoch to `fname`, atomically; `resume`: continue from it"
+    def __init__(self, fname:str='checkpoint', with_opt:bool=True,
+                 resume:bool=False): # a fit starts from the checkpoint, if there is one, after its epoch
+        if resume and not with_opt: raise ValueError("resume=True continues from the optimisers' state: keep with_opt=True")
         super().__init__(fname=fname, every_epoch=True, with_opt=with_opt)
+        self.resume = resume
+    @property
+    def file(self): return join_path_file(self.fname, self.learn.path/self.learn.model_dir, ext='.pth')
+
+    def before_fit(self):
+        super().before_fit()
+        self.start_epoch,self.resumed = 0,None
+        if self.run and self.resume and self.file.exists(): self._resume()
+    def before_epoch(self):
+        if self.epoch < self.start_epoch: raise CancelEpochException() # done before the interruption
+        if self.epoch == self.start_epoch and self.resumed is not None: self._restore_records()
+    def after_fit(self):
+        if self.resumed is not None: self._restore_records() # every epoch was done before
+        super().after_fit()
+    def _restore_records(self):
+        "The metric rows of the epochs before the interruption, and what fastai's trackers had seen"
+        ts,self.resumed = self.resumed,None
+        self.learn.recorder.values = L(ts['values'])
+        for cb in self.learn.cbs:
+            if isinstance(cb, TrackerCallback) and cb is not self and type(cb).__name__ in ts['trackers']:
+                for k, v in ts['trackers'][type(cb).__name__].items(): setattr(cb, k, v)
+    def after_epoch(self):
+        if self.epoch >= self.start_epoch: super().after_epoch()
+
     def _save(self, name):
-        partial_file = self.learn.save(f'{self.fname}.partial', with_opt=self.with_opt)
-        os.replace(partial_file, partial_file.with_name(f'{self.fname}.pth'))
+        if rank_distrib(): return # data-parallel: process 0 writes
+        state = {'model': get_model(self.learn.model).state_dict()}
+        if self.with_opt: state['opt'] = {**self.learn.opt.state_dict(), 'training_state': training_state(self.learn)}
+        partial_file = self.file.with_name(f'{self.fname}.partial.pth')
+        partial_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, partial_file)
+        os.replace(partial_file, self.file) # a process killed while saving leaves the previous checkpoint whole
+
+    def _resume(self):
+        with torch.serialization.safe_globals(_checkpoint_globals()): state = torch.load(self.file, map_location='cpu')
+        ts = state.get('opt', {}).get('training_state') if isinstance(state, dict) else None
+        if ts is None: raise ValueError(f"{self.file} holds no training state (saved without the optimisers, or by another "
+                                        "callback): it cannot be resumed; load it with learn.load() and start a new fit")
+        if ts['n_epoch'] != self.n_epoch:
+            raise ValueError(f"{self.file} was written by a fit of {ts['n_epoch']} epochs, this fit has {self.n_epoch}: "
+                             "resume with the same number of epochs (the schedules depend on it)")
+        self.learn.load(self.fname, with_opt=True, device=self.dls.device)
+        load_training_state(self.learn, ts)
+        self.start_epoch,self.resumed = ts['epoch'] + 1,ts
+
+def _checkpoint_globals():
+    "What fastai's optimiser state holds beside tensors (its hypers: an `L` of numpy numbers), for `torch.load(weights_only=True)`"
+    return [L, np.float64(0).__reduce__()[0], np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
+
+def _rng_states():
+    name, keys, pos, has_gauss, cached = np.random.get_state() # as tensors and numbers: torch.load(weights_only=True) reads them
+    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
+def training_state(learn):
+    "What, beyond weights and optimisers, makes the rest of a fit the same: epoch, random generators, loss scales, callbacks"
+    scaler = getattr(learn, 'scaler', None)
+    smooth = learn.recorder.smooth_loss
+    return dict(epoch=getattr(learn, 'epoch', -1), n_epoch=getattr(learn, 'n_epoch', None), rng=_rng_states(),
+                loaders=[getattr(dl, 'dl', dl).rng.getstate() for dl in learn.dls.loaders], # each loader's shuffle generator
+                scaler=scaler.state_dict() if scaler is not None else None, smooth_loss=(getattr(smooth, 'count', 0), getattr(smooth, 'val', 0.)),
+                callbacks={type(cb).__name__: cb.training_state() for cb in learn.cbs if hasattr(cb, 'training_state')},
+                values=[list(v) for v in learn.recorder.values], # the metric rows so far
+                trackers={type(cb).__name__: {k: getattr(cb, k) for k in ('best', 'wait') if hasattr(cb, k)} # e.g. ReduceLROnPlateau
+                          for cb in learn.cbs if isinstance(cb, TrackerCallback) and not isinstance(cb, CheckpointCallback)})
+
+def load_training_state(learn, ts):
+    "Put back what `training_state` took"
+    rng = ts['rng']
+    name, keys, *rest = rng['numpy']
+    random.setstate(rng['python']); np.random.set_state((name, keys.numpy().astype(np.uint32), *rest)); torch.set_rng_state(rng['torch'])
+    if rng['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(rng['cuda'])
+    for dl, state in zip(learn.dls.loaders, ts['loaders']): getattr(dl, 'dl', dl).rng.setstate(state)
+    scaler = getattr(learn, 'scaler', None)
+    if scaler is not None and ts['scaler'] is not None: scaler.load_state_dict(ts['scaler'])
+    learn.recorder.smooth_loss.count, learn.recorder.smooth_loss.val = ts['smooth_loss']
+    for cb in learn.cbs:
+        if type(cb).__name__ in ts['callbacks']: cb.load_training_state(ts['callbacks'][type(cb).__name__])

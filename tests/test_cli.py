@@ -111,3 +111,26 @@ def test_offline_method_trains_its_teacher_first_and_reuses_it(tmp_path):
     second = pd.read_csv(tmp_path/'b'/'results.csv').iloc[0]
     assert second['acc_teacher'] == first['acc_teacher'] # the same frozen teacher on the same validation set
     assert 'acc_wrn16_2' in second and not (tmp_path/'b'/'models'/'teacher_resnet20_seed0.pth').exists()
+
+def test_resume_continues_an_interrupted_run_as_if_uninterrupted(tmp_path):
+    "Killed during its second run (the first finished, the second checkpointed), `--resume DIR` ends with the tables of an uninterrupted run"
+    import signal, time
+    args = ['--method', 'vanilla,afd', '--seed', '0', '--epochs', '6', '--n-per-class', '10', '--size', '8', '--valid-every', '1']
+    whole = afd_train(*args, '--out', 'whole', cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    child = subprocess.Popen(['afd_train', *args, '--out', 'cut'], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, runs = tmp_path/'cut'/'models'/'afd_seed0.pth', tmp_path/'cut'/'runs.csv'
+    try:
+        for _ in range(6000):
+            if runs.exists() and ckpt.exists(): break
+            time.sleep(0.01)
+    finally: child.send_signal(signal.SIGKILL); child.wait()
+    assert runs.exists() and not (tmp_path/'cut'/'results.csv').exists(), 'killed too late: the run had finished'
+    assert len(pd.read_csv(runs)) == 1 # vanilla finished, afd was interrupted after at least one epoch
+    assert afd_train('--resume', 'cut', '--epochs', '3', cwd=tmp_path).returncode == 2 # its own options only
+    res = afd_train('--resume', 'cut', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'vanilla, seed 0: finished before, kept' in res.stdout
+    a, b = pd.read_csv(tmp_path/'whole'/'results.csv'), pd.read_csv(tmp_path/'cut'/'results.csv')
+    cols = [c for c in a.columns if c.startswith(('acc', 'd_loss', 'g_loss'))]
+    pd.testing.assert_frame_equal(a[['method', 'seed'] + cols], b[['method', 'seed'] + cols])

@@ -7,6 +7,8 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.interpret import ClassificationInterpretation
 from fastai.vision.learner import create_cnn_model
 from afd_fastai.all import *
+from torch import nn
+from fastai.torch_core import set_seed
 
 
 class OneStep(Callback):
@@ -168,6 +170,8 @@ def test_compiled_networks_step_as_eager_ones(tmp_path):
 KILL_CHILD = '''
 import sys, torch
 from afd_fastai.all import *
+from torch import nn
+from fastai.torch_core import set_seed
 from fastai.torch_core import set_seed
 set_seed(0)
 learn = afd_learner(digits_dls(size=16, n_per_class=5, bs=16), ['wrn16_4', 'wrn16_4'], method='afd', path=sys.argv[1])
@@ -198,3 +202,54 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, 
     learn.load('run') # with both optimisers' states
     held = learn.model.models[0].body[0].weight
     assert held.min() == held.max() and int(held[0, 0, 0, 0]) in (saved[-1], saved[-1] + 1), (held.flatten()[:3], saved[-3:])
+
+
+def resumable_learner(path, seed=0):
+    "AFD (both optimisers) with dropout, on shuffled CIFAR-shaped data with pad-crop-flip: every random generator in use"
+    from afd_fastai.models import BodyHeadNet, pool_linear_head
+    set_seed(seed)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 4, (96,), generator=g)
+    dls = cifar_tensor_dls(x[:64], y[:64], x[64:], y[64:], names=list('abcd'), bs=16)
+    def net(): return BodyHeadNet(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3)),
+                                  pool_linear_head(8, 4), 'small')
+    return afd_learner(dls, [net(), net()], method='afd', path=path, adv_lr=1e-3, cbs=AdversarialBackoff(patience=2))
+
+def same(a, b, where='state'):
+    "Assert that two nested states (dicts, lists, tensors, numbers) are equal, bit for bit"
+    if isinstance(a, torch.Tensor): assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a: same(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)): same(u, v, f'{where}[{i}]')
+    else: assert a == b, (where, a, b)
+
+@pytest.mark.parametrize('stop_epoch', [1, 2])
+def test_a_resumed_fit_ends_exactly_as_an_uninterrupted_one(tmp_path, stop_epoch):
+    "Interrupted in epoch `stop_epoch`, resumed in a fresh learner from another seed: weights and both optimisers bitwise those of one fit"
+    class PowerCut(Callback):
+        def after_batch(self):
+            if self.epoch == stop_epoch and self.iter == 1: raise RuntimeError('power cut')
+    def fit(learn, cbs):
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 0.05, cbs=cbs)
+    whole = resumable_learner(tmp_path/'whole')
+    fit(whole, CheckpointCallback('run'))
+    broken = resumable_learner(tmp_path/'cut')
+    fails(lambda: fit(broken, [CheckpointCallback('run', resume=True), PowerCut()]), contains='power cut')
+    resumed = resumable_learner(tmp_path/'cut', seed=123) # another process: other weights, other random state
+    fit(resumed, CheckpointCallback('run', resume=True))
+    same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
+    same(whole.opt.state_dict(), resumed.opt.state_dict(), 'opt')
+    assert whole.opt.second is not None and len(whole.recorder.d_losses) > 0
+    equal(whole.recorder.values[-1], resumed.recorder.values[-1]) # the last epoch's losses and metrics too
+
+def test_resume_refuses_a_checkpoint_it_cannot_continue(tmp_path):
+    learn = resumable_learner(tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.05, cbs=CheckpointCallback('run'))
+    again = resumable_learner(tmp_path)
+    fails(lambda: again.fit(2, 0.05, cbs=CheckpointCallback('run', resume=True)), contains='same number of epochs')
+    learn.save('weights_only', with_opt=False)
+    fails(lambda: again.fit(1, 0.05, cbs=CheckpointCallback('weights_only', resume=True)), contains='holds no training state')
+    fails(lambda: CheckpointCallback('run', with_opt=False, resume=True), contains='keep with_opt=True')
