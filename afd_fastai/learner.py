@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['aligners', 'cyclic_from_three', 'adversarial_callback', 'method_callbacks', 'torchvision_models', 'known_model',
-           'resolve_model', 'AFDLearner', 'build_peer_model', 'add_method_modules', 'check_feature_maps', 'afd_learner',
-           'CheckpointCallback', 'training_state', 'load_training_state']
+           'resolve_model', 'AFDLearner', 'build_peer_model', 'add_method_modules', 'check_feature_maps',
+           'NonFiniteError', 'StopOnNonFinite', 'afd_learner', 'CheckpointCallback', 'training_state',
+           'load_training_state']
 
 # %% ../nbs/08_learner.ipynb #e2ed74da
-import inspect, os, random
+import inspect, os, random, math
 import numpy as np
 from contextlib import contextmanager
 from functools import partial
@@ -20,7 +21,9 @@ from fastcore.xtras import join_path_file
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastai.learner import Learner, load_model
-from fastai.torch_core import rank_distrib, get_model
+from fastai.torch_core import rank_distrib, get_model, num_distrib
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.core import CancelEpochException
 from fastai.callback.progress import ProgressCallback
 from fastai.losses import CrossEntropyLossFlat
@@ -269,6 +272,29 @@ def check_feature_maps(model:PeerModel, edges, what:str='this method'):
                              f"{shape} per item: name a convolutional layer with feature_layers=[...]")
     for t, s in edges: shared_size(model.feature_shapes[s][1:], model.feature_shapes[t][1:], model.names[s], model.names[t])
 
+# %% ../nbs/08_learner.ipynb #4384f8ef
+class NonFiniteError(RuntimeError):
+    "The training loss or gradients stopped being finite"
+
+class StopOnNonFinite(Callback):
+    "Stop at the first non-finite training loss or gradient, before the optimiser steps, naming the batch and the fix"
+    order,run_valid = MixedPrecision.order - 5,False # before GradientAccumulation and MixedPrecision step
+    def before_step(self):
+        scaler = getattr(self.learn, 'scaler', None)
+        scaled = scaler is not None and scaler.is_enabled() # fp16: the scaler skips steps with infinite gradients
+        grads = [] if scaled else [p.grad for p, *_ in self.learn.opt.all_params(with_grad=True)]
+        checks = [self.learn.loss_grad.detach().float().sum()] if num_distrib() <= 1 else [] # data-parallel: the gradients, the same everywhere
+        if grads: checks.append(torch.stack(torch._foreach_norm(grads)).float().sum())
+        if checks and not torch.isfinite(torch.stack(checks).sum()).item(): self._fail(grads)
+    def _fail(self, grads):
+        loss = float(self.learn.loss_grad.detach().float().sum())
+        what = 'loss' if not math.isfinite(loss) else 'gradients'
+        lr = self.learn.opt.hypers[-1].get('lr', float('nan'))
+        raise NonFiniteError(
+            f"The training {what} stopped being finite at epoch {self.epoch}, batch {self.iter} (loss {loss:.4g}); training stopped "
+            f"before this batch updated anything, and the last checkpoint (CheckpointCallback) holds the last finished epoch. "
+            f"Lower the learning rate (now {lr:g}), add GradientClip(), train in fp32 or bf16 rather than fp16, or look for NaN/Inf in the data.")
+
 # %% ../nbs/08_learner.ipynb #47122c31
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
@@ -324,6 +350,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     method_cbs = method_callbacks(declared, topo, align_weight=align_weight, paper=paper,
                                   **{k: v for k, v in s.items() if k != 'topology'})
     if groups: method_cbs = [GroupTarget()] + method_cbs
+    method_cbs.append(StopOnNonFinite())
     loss_func = PeerLoss(model.output_names, gated=model.gated)
     if metrics is not None: metrics = listify(metrics)
     elif groups: metrics = fairness_metrics(model.names, model.n_outputs[0], groups)

@@ -197,3 +197,27 @@ def test_validate_every_beside_stock_callbacks(tmp_path):
         with pytest.raises(ValueError, match=r"ValidateEvery\(3\) leaves epochs without validation, but .* watches"):
             every.fit(1, 0.01, cbs=[watcher, ValidateEvery(3)])
     every.fit(1, 0.01, cbs=[SaveModelCallback(monitor='train_loss', fname='best'), ValidateEvery(3)]) # the training loss is always there
+
+@pytest.mark.parametrize('method', list(distill_methods))
+def test_a_non_finite_loss_stops_every_method_with_the_last_checkpoint_intact(method, tmp_path):
+    "NaN enters at epoch 1, batch 1: the fit stops there with the batch named, the weights finite, epoch 0's checkpoint whole"
+    from copy import deepcopy
+    from afd_fastai.fair_data import digits_s_dls
+    declared = distill_methods[method]
+    dls = digits_s_dls(bs=32, seed=0, n_per_class=10) if declared.groups else digits_dls(size=16, n_per_class=10, bs=32, seed=0)
+    net = (lambda: cifar10s_net(n_out=10, size=16)) if declared.groups else (lambda: resnet20(n_out=10))
+    kwargs = dict(teacher=net()) if declared.offline else {}
+    learn = afd_learner(dls, [net()] if declared.offline else [net(), net()], method=method, path=tmp_path, **kwargs)
+    class Poison(Callback):
+        def before_batch(self):
+            if self.epoch == 1 and self.iter == 1: self.learn.xb = (self.xb[0] * float('nan'),)
+    class KeepEpochEnd(Callback):
+        order = 70
+        def after_epoch(self): self.state = deepcopy(self.learn.model.state_dict())
+    keep = KeepEpochEnd()
+    with pytest.raises((NonFiniteError, AdversarialLossError), match='at epoch 1, batch 1') as err:
+        with learn.no_bar(), learn.no_logging(): learn.fit(3, 0.02, cbs=[CheckpointCallback('run'), Poison(), keep])
+    assert 'stopped before this batch updated anything' in str(err.value)
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+    restored = afd_learner(dls, [net()] if declared.offline else [net(), net()], method=method, path=tmp_path, **kwargs).load('run')
+    for k, v in restored.model.state_dict().items(): assert torch.equal(v, keep.state[k]), k
