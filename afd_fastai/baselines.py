@@ -121,7 +121,7 @@ def load_teacher(given):
     if isinstance(given, nn.Module): return given
     if isinstance(given, (str, Path)):
         path = Path(given)
-        if not path.is_file(): raise FileNotFoundError(f"Teacher file {path} does not exist")
+        if not path.is_file(): raise FileNotFoundError(f"Teacher file {path} does not exist: give the file of a trained teacher, saved with torch.save(model, path) or learn.export()")
         obj = torch.load(path, map_location='cpu', weights_only=False) # a pickled module: only load files you trust
         obj = getattr(obj, 'model', obj) # an exported fastai Learner
         if isinstance(obj, nn.Module): return obj

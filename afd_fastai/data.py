@@ -64,6 +64,9 @@ def _noisy_labels(labels, idxs, frac, seed, n_classes=10):
     return labels
 
 def _make_dls(images, labels, splits, vocab, bs, after_batch, device, on_device=True, **kwargs):
+    bad = [int(l) for l in labels if not 0 <= l < len(vocab)]
+    if bad: raise ValueError(f"Label {bad[0]} is out of range for the {len(vocab)} class names ({len(bad)} such labels): "
+                             "give a name for every class, or fix the labels (0 to number of classes - 1)")
     items = [(TensorImage(img), vocab[lbl]) for img, lbl in zip(images, labels)]
     dsets = Datasets(items, tfms=[[ItemGetter(0)], [ItemGetter(1), Categorize(vocab=vocab, sort=False)]], splits=splits)
     dls = dsets.dataloaders(bs=bs, after_batch=after_batch, device=device, num_workers=0,
@@ -115,6 +118,11 @@ def find_cifar_folder(path, n_classes:int=100):
     path = Path(path)
     for cand in (path/folder, path):
         if all((cand/f).is_file() for f in train + test + [meta]): return cand
+    other = 10 if n_classes == 100 else 100
+    o_folder, o_train, o_test, o_meta, _, _ = cifar_layouts[other]
+    if any(all((cand/f).is_file() for f in o_train + o_test + [o_meta]) for cand in (path/o_folder, path)):
+        raise ValueError(f"{path} holds CIFAR-{other}, but CIFAR-{n_classes} is asked for (by --data or the preset): point "
+                         f"--data-path at CIFAR-{n_classes}, or train on --data cifar{other} (presets: those of CIFAR-{other})")
     raise FileNotFoundError(f"No CIFAR-{n_classes} python-format data at {path}: expected {path/folder}/ holding "
                             f"{', '.join(train + test + [meta])} (unpack cifar-{n_classes}-python.tar.gz there)")
 

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['aligners', 'cyclic_from_three', 'adversarial_callback', 'method_callbacks', 'torchvision_models', 'known_model',
            'resolve_model', 'AFDLearner', 'build_peer_model', 'add_method_modules', 'check_feature_maps',
-           'NonFiniteError', 'StopOnNonFinite', 'afd_learner', 'CheckpointCallback', 'training_state',
-           'load_training_state']
+           'NonFiniteError', 'StopOnNonFinite', 'training_labels', 'CheckData', 'afd_learner', 'CheckpointCallback',
+           'training_state', 'load_training_state']
 
 # %% ../nbs/08_learner.ipynb #e2ed74da
 import inspect, os, random, math
@@ -32,7 +32,7 @@ from fastai.interpret import ClassificationInterpretation
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 import torchvision
 from .models import zoo_model, model_zoo
-from .core import PeerModel, peer_splitter, model_name
+from .core import PeerModel, peer_splitter, model_name, peer_model
 from .losses import PeerLoss, ensemble_probs
 from .methods import paper, paper_sgd, DistillMethod, distill_methods, register_method, settings_for, defaults
 from .optim import ForeachAdam
@@ -199,9 +199,14 @@ class AFDLearner(Learner):
     def load(self, file, device=None, with_opt:bool=True, strict:bool=True, **kwargs):
         "fastai's `load`; a checkpoint of afd_fastai 0.0.1 (second optimiser under 'callbacks') is converted"
         try: return super().load(file, device=device, with_opt=with_opt, strict=strict, **kwargs)
-        except RuntimeError:
-            state = _read_legacy(join_path_file(file, self.path/self.model_dir, ext='.pth'))
-            if state is None: raise
+        except RuntimeError as e:
+            path = join_path_file(file, self.path/self.model_dir, ext='.pth')
+            state = _read_legacy(path)
+            if state is None:
+                detail = str(e).split('\n\t')[:3]
+                raise ValueError(f"{path} does not fit this learner's model ({' '.join(d.strip() for d in detail)[:160]}...): it was "
+                                 "saved from other networks, another method or another topology. Load it into a learner built as the "
+                                 "one that saved it (same networks, n_out, method and topology)") from e
         self.model.load_state_dict(state['model'], strict=strict)
         if with_opt: self.opt.load_state_dict({**state['opt'], 'second': state['second']})
         return self
@@ -295,6 +300,57 @@ class StopOnNonFinite(Callback):
             f"before this batch updated anything, and the last checkpoint (CheckpointCallback) holds the last finished epoch. "
             f"Lower the learning rate (now {lr:g}), add GradientClip(), train in fp32 or bf16 rather than fp16, or look for NaN/Inf in the data.")
 
+# %% ../nbs/08_learner.ipynb #3f3e2979
+def training_labels(dls, max_items:int=200_000):
+    "Every training label as a tensor, where cheap: held on the device (`TensorDL`) or a fastai `Datasets` of up to `max_items`"
+    held = getattr(dls.train.dataset, 'batch_tensors', None)
+    if held is not None and len(held) > 1: return held[1].as_subclass(torch.Tensor).cpu()
+    tls = getattr(dls.train_ds, 'tls', None)
+    if tls is not None and len(tls) > 1 and len(dls.train_ds) <= max_items and getattr(dls, 'vocab', None) is not None:
+        return torch.tensor([int(t) for t in tls[1]])
+    return None
+
+class CheckData(Callback):
+    "Refuse, before anything trains, labels out of range, an empty class, non-finite inputs and BatchNorm batches of one"
+    order,run_valid = -20,False
+    def before_fit(self): self.checked = False # also runs around validate and get_preds: nothing checked there
+    def before_train(self):
+        if self.checked: return
+        model = peer_model(self.learn)
+        self.c = getattr(model, 'n_outputs', [getattr(self.dls, 'c', None)])[0]
+        vocab = getattr(self.dls, 'vocab', None)
+        self.names = list(vocab[-1] if vocab is not None and len(vocab) and isinstance(vocab[0], (list, L)) else vocab or [])
+        if not hasattr(self.learn, 'lr_finder'): self._check_batch_size(model)
+        labels = training_labels(self.dls)
+        if labels is not None and self.c:
+            self._check_labels(labels)
+            counts = torch.bincount(labels, minlength=self.c)
+            empty = [self._name(k) for k in (counts == 0).nonzero().flatten().tolist()]
+            if empty: raise ValueError(f"Class(es) {', '.join(empty)} have no training items, so no network can learn them: "
+                                       "add items of each class, or drop the class from the data (and from the networks' n_out)")
+    def before_batch(self):
+        if self.checked: return
+        self.checked = True # the fit's first training batch
+        if self.c and len(self.yb): self._check_labels(self.yb[0].as_subclass(torch.Tensor))
+        x = self.xb[0]
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"The first training batch holds NaN or infinite inputs ({int((~torch.isfinite(x)).sum())} values): "
+                             "clean the data, or check its normalisation (a channel with std 0 divides by zero)")
+    def _name(self, k): return f"{k} ({self.names[k]!r})" if k < len(self.names) else str(k)
+    def _check_labels(self, y):
+        if y.is_floating_point(): return # soft targets (label smoothing, mixup)
+        bad = y[(y < 0) | (y >= self.c)]
+        if len(bad): raise ValueError(f"Label {int(bad[0])} is out of range: the networks have {self.c} classes (labels 0 to {self.c - 1}). "
+                                      f"Give the networks n_out equal to the number of classes, or fix the labels")
+    def _check_batch_size(self, model):
+        dl = self.dls.train
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()): return
+        n, bs = len(dl.dataset), dl.bs
+        if bs == 1 or (not dl.drop_last and n % bs == 1):
+            raise ValueError(f"With batch size {bs} and {n} training items, {'every' if bs == 1 else 'the last'} training batch holds one "
+                             "item, and BatchNorm cannot normalise a batch of one: use a batch size of 2 or more "
+                             "(and drop_last=True, fastai's default for training)")
+
 # %% ../nbs/08_learner.ipynb #47122c31
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
@@ -350,7 +406,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     method_cbs = method_callbacks(declared, topo, align_weight=align_weight, paper=paper,
                                   **{k: v for k, v in s.items() if k != 'topology'})
     if groups: method_cbs = [GroupTarget()] + method_cbs
-    method_cbs.append(StopOnNonFinite())
+    method_cbs = [CheckData()] + method_cbs + [StopOnNonFinite()]
     loss_func = PeerLoss(model.output_names, gated=model.gated)
     if metrics is not None: metrics = listify(metrics)
     elif groups: metrics = fairness_metrics(model.names, model.n_outputs[0], groups)

@@ -256,6 +256,6 @@ def test_export_load_learner_and_peer(small_digits, tmp_path):
 def test_mutual_topology_for_three_networks(small_digits):
     learn = afd_learner(small_digits, ['resnet20', 'resnet20', 'resnet20'], topology='mutual')
     assert len(learn.model.adversaries) == 6
-    assert [type(cb).__name__ for cb in learn.cbs][-2:] == ['DistillCallback', 'AdversarialFeatureCallback']
+    assert [type(cb).__name__ for cb in learn.cbs][-3:] == ['DistillCallback', 'AdversarialFeatureCallback', 'StopOnNonFinite']
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
     assert math.isfinite(learn.recorder.values[-1][-1])
