@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['pooling_types', 'has_body', 'default_feature_layer', 'probe_forward', 'find_feature_layer', 'model_name',
-           'unique_names', 'head_modules', 'PeerModel', 'peer_splitter', 'peer_model']
+           'unique_names', 'head_modules', 'check_devices', 'PeerModel', 'peer_splitter', 'peer_model']
 
 # %% ../nbs/01_core.ipynb #13bbad5e
 import torch
@@ -86,6 +86,20 @@ def head_modules(records, feature_layer:str):
                               if not any(m.children()) and not name.startswith(inside)))
 
 # %% ../nbs/01_core.ipynb #d7233149
+def check_devices(devices, n:int):
+    "`devices` as `torch.device`s, one per network, each on this machine (None stays None); a clear error otherwise"
+    if devices is None: return None
+    devices = [torch.device(d) for d in listify(devices)]
+    if len(devices) != n: raise ValueError(f"Got {n} networks but {len(devices)} devices: give one device per network")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for d in devices:
+        if d.type == 'cuda' and (d.index or 0) >= count:
+            have = f" ({', '.join(f'cuda:{i}' for i in range(count))})" if count else ''
+            raise ValueError(f"devices asks for {d}, but this machine has {count} CUDA device(s){have}: name devices that "
+                             "exist, or leave devices=None to train every network on one device")
+        if d.type not in ('cuda', 'cpu'): raise ValueError(f"devices takes 'cpu' or 'cuda:<index>' devices, got {d}")
+    return devices
+
 class _KeepMap:
     "Forward hook on network `k`'s feature layer: keeps the output as `peer`'s map `k` while network `k` runs"
     def __init__(self, peer, k): self.peer,self.k = peer,k
@@ -98,7 +112,8 @@ class PeerModel(nn.Module):
     def __init__(self,
                  models:list, # the networks (`nn.Module`s), at least two
                  feature_layers:list=None, # per network, the name of the module whose output is its feature map (None: found)
-                 names:list=None): # per network, a name for metric columns (default: from the architecture)
+                 names:list=None, # per network, a name for metric columns (default: from the architecture)
+                 devices:list=None): # per network, the device it runs on (['cuda:0', 'cuda:1']); None: the model's one device
         super().__init__()
         models = listify(models)
         if len(models) < 2:
@@ -115,6 +130,9 @@ class PeerModel(nn.Module):
         for k, layer in enumerate(self.feature_layers):
             if layer is not None: self._feature_module(k)
         self.feature_maps,self.feature_shapes,self.heads,self.n_outputs,self.edge_lists = None,None,None,None,{}
+        self.devices = check_devices(devices, len(models))
+        if self.devices is not None:
+            for net, device in zip(self.models, self.devices): net.to(device)
 
     def __len__(self): return len(self.models)
     @property
@@ -162,10 +180,22 @@ class PeerModel(nn.Module):
         self._maps, logits = [None] * len(self.models), []
         for k, net in enumerate(self.models):
             self._running = k # a layer shared by two networks keeps each one's map in its own slot
-            try: logits.append(net(x))
+            try: logits.append(net(x if self.devices is None else x.to(self.devices[k])))
             finally: self._running = None
+        if self.devices is not None: # logits and maps move to the input's device, where the losses and method modules are
+            logits = [z.to(x.device) for z in logits]
+            self._maps = [m if m is None else m.to(x.device) for m in self._maps]
         self.feature_maps = self._maps
         return tuple(logits)
+
+    def to(self, *args, **kwargs):
+        "`nn.Module.to`; with `devices`, each network stays on its own device and only the rest moves"
+        if getattr(self, 'devices', None) is None: return super().to(*args, **kwargs)
+        _, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        for net, device in zip(self.models, self.devices): net.to(device, dtype, non_blocking, memory_format=memory_format)
+        for name, child in self.named_children():
+            if name != 'models': child.to(*args, **kwargs)
+        return self
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -55,7 +55,7 @@ class PeerDistributedDL(DistributedDL):
             return t[:max(self.n - seen, 0)]
         return apply(_inner, b)
 
-# %% ../nbs/22_distributed.ipynb #7d076b0f
+# %% ../nbs/22_distributed.ipynb #7af9e97b
 def _outside_networks(model):
     "Names of `model`'s parameters and buffers that are not in one of its networks (`model.models`)"
     return [name for name, _ in chain(model.named_parameters(), model.named_buffers()) if not name.startswith('models.')]
@@ -75,6 +75,9 @@ class PeerDistributedTrainer(DistributedTrainer):
         if self.sync_bn and device.type == 'cpu':
             raise ValueError("sync_bn=True turns BatchNorm into SyncBatchNorm, which PyTorch runs on GPUs only: train on "
                              "GPUs, or use learn.distrib_ctx(sync_bn=False) (each process normalises its own share)")
+        if getattr(model, 'devices', None) is not None:
+            raise ValueError("devices= spreads the networks over several devices in one process; data-parallel training runs one "
+                             "process per device with every network on it: use one or the other")
         if not hasattr(model, 'models'):
             raise TypeError(f"PeerDistributedTrainer trains a PeerModel (networks in model.models), not a {type(model).__name__}")
         outside = _outside_networks(model)

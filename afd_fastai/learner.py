@@ -227,7 +227,7 @@ def compile_networks(self:AFDLearner, **kwargs):
     return self
 
 # %% ../nbs/08_learner.ipynb #87f70dcd
-def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_layers=None, names=None, teacher=None):
+def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_layers=None, names=None, teacher=None, devices=None):
     "The method's model of `models` (a frozen `teacher` first for offline methods), set up by one probe forward on `dls`"
     data_c = getattr(dls, 'c', None)
     if n_out is not None and data_c is not None and n_out != data_c:
@@ -244,7 +244,9 @@ def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_
         raise ValueError(f"teacher= is for the offline methods ({offline}); {method.name} trains every network")
     if feature_layers is None and method.features == 'penultimate': # a network's own penultimate layer, where it names one
         feature_layers = [getattr(m, 'penultimate', None) for m in nets]
-    model = (method.model or PeerModel)(nets, feature_layers=feature_layers, names=names)
+    if devices is not None and method.model is not None:
+        raise ValueError(f"{method.name}'s networks share layers, so they cannot run on separate devices: leave devices=None")
+    model = (method.model or PeerModel)(nets, feature_layers=feature_layers, names=names, **({'devices': devices} if devices is not None else {}))
     x = dls.valid.one_batch()[0][:2] if len(dls.valid) else dls.train.one_batch()[0][:2]
     model.to(x.device).setup(x)
     want = n_out or model.n_outputs[0]
@@ -289,7 +291,7 @@ class StopOnNonFinite(Callback):
         scaled = scaler is not None and scaler.is_enabled() # fp16: the scaler skips steps with infinite gradients
         grads = [] if scaled else [p.grad for p, *_ in self.learn.opt.all_params(with_grad=True)]
         checks = [self.learn.loss_grad.detach().float().sum()] if num_distrib() <= 1 else [] # data-parallel: the gradients, the same everywhere
-        if grads: checks.append(torch.stack(torch._foreach_norm(grads)).float().sum())
+        if grads: checks.append(torch.stack([n.to(self.learn.loss_grad.device) for n in torch._foreach_norm(grads)]).float().sum())
         if checks and not torch.isfinite(torch.stack(checks).sum()).item(): self._fail(grads)
     def _fail(self, grads):
         loss = float(self.learn.loss_grad.detach().float().sum())
@@ -384,6 +386,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 ad_weight:float=None, # ad: λ of the adversaries' (reversed) loss (default 1e-3)
                 ad_lr:float=None, # ad: the adversaries' Adam lr (default 3e-3)
                 loss_parts:bool=False, # also show each network's validation cross-entropy as a column
+                devices:list=None, # per network, its device (['cuda:0', 'cuda:1']); feature maps and logits move to the data's device for the losses
                 opt_func=paper_sgd, lr:float=paper.lr, wd:float=paper.wd, wd_bn_bias:bool=True, metrics=None, cbs=None,
                 **kwargs):
     "An `AFDLearner` training `models` together on `dls` with distillation `method`"
@@ -399,7 +402,7 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
     if declared.groups and not groups:
         raise ValueError(f"{method} needs each sample's sensitive group, but the data has none: build it with a group-aware "
                          "loader (digits_s_dls, cifar10s_dls, utkface_dls, celeba_dls; batches of (x, class, group))")
-    model = build_peer_model(dls, models, declared, n_out, feature_layers, names, teacher)
+    model = build_peer_model(dls, models, declared, n_out, feature_layers, names, teacher, devices)
     choosable = declared.topology is not None and not declared.offline
     topo = declared.topology_for(len(model.models), topology if topology is not None else s.topology if choosable else None)
     add_method_modules(model, declared, topo, s.disc_head, s.disc_joint, len(groups) if groups else None, s)

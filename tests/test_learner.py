@@ -253,3 +253,23 @@ def test_resume_refuses_a_checkpoint_it_cannot_continue(tmp_path):
     learn.save('weights_only', with_opt=False)
     fails(lambda: again.fit(1, 0.05, cbs=CheckpointCallback('weights_only', resume=True)), contains='holds no training state')
     fails(lambda: CheckpointCallback('run', with_opt=False, resume=True), contains='keep with_opt=True')
+
+def test_peers_on_their_own_devices():
+    "devices=: on a machine with two GPUs, each network on its own and AFD trains; elsewhere a clear refusal, and CPU placement trains"
+    dls = digits_dls(size=16, n_per_class=10, bs=16)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count >= 2:
+        learn = afd_learner(dls.to('cuda:0') if hasattr(dls, 'to') else dls, ['resnet20', 'resnet20'], devices=['cuda:0', 'cuda:1'])
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.05)
+        assert [next(n.parameters()).device for n in learn.model.models] == [torch.device('cuda:0'), torch.device('cuda:1')]
+        assert next(learn.model.adversaries.parameters()).device == torch.device('cuda:0')
+    else:
+        fails(lambda: afd_learner(dls, ['resnet20', 'resnet20'], devices=['cuda:0', 'cuda:1']), contains=f'this machine has {count} CUDA device')
+    def trained(devices):
+        set_seed(0)
+        learn = afd_learner(digits_dls(size=16, n_per_class=10, bs=16), ['resnet20', 'resnet20'], method='afd', devices=devices)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.05)
+        return learn
+    one, placed = trained(None), trained(['cpu', 'cpu'])
+    for (k, a), b in zip(one.model.state_dict().items(), placed.model.state_dict().values()): assert torch.equal(a, b), k
+    fails(lambda: afd_learner(dls, ['resnet20', 'resnet20'], method='one', devices=['cpu', 'cpu']), contains='share layers')
