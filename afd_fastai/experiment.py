@@ -344,7 +344,7 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
     if resume and out is None: raise ValueError("resume=True continues the runs saved in `out`: give the folder")
     done = pd.read_csv(Path(out)/'runs.csv') if resume and (Path(out)/'runs.csv').exists() else None # finished runs
     started = time.time()
-    if progress:
+    if progress and num_distrib() <= 1: # (the estimate's timed steps are one process's)
         est = estimate_seconds(models, methods, data, data_path, epochs, bs, lr, seeds, schedule, paper, adv_lr, valid_every,
                                channels_last, **data_kwargs)
         n = lambda k, what: f"{k} {what}{'s' if k != 1 else ''}"

@@ -51,3 +51,14 @@ def test_sync_batchnorm_is_refused_on_the_cpu():
     trainer = PeerDistributedTrainer.__new__(PeerDistributedTrainer) # its checks, without starting processes
     trainer.sync_bn, trainer.learn = True, learn
     fails(trainer.before_fit, contains='GPUs only')
+
+def test_afd_train_runs_data_parallel_and_process_0_writes(tmp_path):
+    "afd_train under PyTorch's launcher with two processes: one results table, one checkpoint per run, the same rows as its own CSV"
+    import shutil, pandas as pd
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node=2', f'--master-port={free_port()}', shutil.which('afd_train'),
+           '--method', 'dml', '--seed', '0', '--epochs', '2', '--n-per-class', '10', '--size', '8', '--bs', '8', '--out', 'res']
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = pd.read_csv(tmp_path/'res'/'results.csv')
+    assert list(runs['method']) == ['dml'] and runs['acc_avg'].notna().all()
+    assert sorted(p.name for p in (tmp_path/'res'/'models').iterdir()) == ['dml_seed0.pth']
