@@ -196,8 +196,10 @@ def write_fake_cifar(path, n_classes:int=100, n_train:int=64, n_test:int=32, see
     rng = np.random.RandomState(seed)
     out = Path(path)/folder
     out.mkdir(parents=True, exist_ok=True)
+    seen = [0] # items written so far: labels run through every class in turn, so each split holds each class where it can
     def dump(fn, n):
-        d = {'data': rng.randint(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.randint(0, n_classes, n).tolist()}
+        labels = rng.permutation((np.arange(n) + seen[0]) % n_classes).tolist(); seen[0] += n
+        d = {'data': rng.randint(0, 256, (n, 3072), dtype=np.uint8), label_key: labels}
         with open(out/fn, 'wb') as f: pickle.dump(d, f)
     for fn in train: dump(fn, n_train // len(train))
     for fn in test: dump(fn, n_test)
