@@ -454,8 +454,8 @@ class CheckpointCallback(SaveModelCallback):
 
     def _save(self, name):
         if rank_distrib(): return # data-parallel: process 0 writes
-        state = {'model': get_model(self.learn.model).state_dict()}
-        if self.with_opt: state['opt'] = {**self.learn.opt.state_dict(), 'training_state': training_state(self.learn)}
+        state = get_model(self.learn.model).state_dict() # fastai's format: the bare state_dict without the optimisers
+        if self.with_opt: state = {'model': state, 'opt': {**self.learn.opt.state_dict(), 'training_state': training_state(self.learn)}}
         partial_file = self.file.with_name(f'{self.fname}.partial.pth')
         partial_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, partial_file)
@@ -490,7 +490,7 @@ def training_state(learn):
                 loaders=[getattr(dl, 'dl', dl).rng.getstate() for dl in learn.dls.loaders], # each loader's shuffle generator
                 scaler=scaler.state_dict() if scaler is not None else None, smooth_loss=(getattr(smooth, 'count', 0), getattr(smooth, 'val', 0.)),
                 callbacks={type(cb).__name__: cb.training_state() for cb in learn.cbs if hasattr(cb, 'training_state')},
-                values=[list(v) for v in learn.recorder.values], # the metric rows so far
+                values=[list(v) for v in learn.recorder.__dict__.get('values', [])], # the metric rows so far (none outside a fit)
                 trackers={type(cb).__name__: {k: getattr(cb, k) for k in ('best', 'wait') if hasattr(cb, k)} # e.g. ReduceLROnPlateau
                           for cb in learn.cbs if isinstance(cb, TrackerCallback) and not isinstance(cb, CheckpointCallback)})
 

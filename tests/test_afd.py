@@ -193,7 +193,7 @@ def test_checkpoint_of_the_previous_version_still_loads(small_digits, tmp_path):
     for k, v in other.model.state_dict().items(): torch.testing.assert_close(v, learn.model.state_dict()[k])
     torch.testing.assert_close(other.adversarial_feature.adv_opt.state_dict()['state'], second['state'])
     torch.save({'something': 'else'}, tmp_path/'models'/'bad.pth') # anything else still fails as fastai fails
-    with pytest.raises(RuntimeError): other.load('bad')
+    with pytest.raises(ValueError, match='does not fit this learner'): other.load('bad') # a clear error, not the state_dict's
 
 
 def test_afd_learns_and_losses_stay_finite(small_digits):

@@ -45,7 +45,9 @@ def test_plain_loop_follows_the_learners_topology():
 def test_plain_loop_matches_with_channels_last():
     "fastai's to_channelslast beside AFD: the same steps as the plain loop in channels-last format"
     diff, moved = library_vs_plain([resnet20, wrn16_2], 'afd', channels_last=True)
-    assert moved > 1e-2 and diff < 1e-4, (diff, moved)
+    # channels-last convolution kernels sum in another order than the plain loop's copy: AFD's Adam turns those last-bit gradient
+    # differences into steps up to its lr on near-zero gradients (1e-4 on these random labels; other paths agree to 1e-7)
+    assert moved > 1e-2 and diff < 5e-4, (diff, moved)
 
 def test_plain_loop_refuses_a_method_it_does_not_write_out():
     learn = bench_learner(random_dls(2, bs=4, size=16, c=10), [resnet20, resnet20], 'kd')
