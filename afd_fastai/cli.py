@@ -7,7 +7,8 @@ __all__ = ['check_options', 'afd_train', 'resumed_options', 'match_option_spelli
 
 # %% ../nbs/10_cli.ipynb #612bbfac
 import sys, json, inspect
-from fastai.torch_core import rank_distrib
+from fastai.torch_core import rank_distrib, num_distrib
+from fastai.distributed import teardown_distrib
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser
 from fastcore.basics import listify
@@ -112,6 +113,7 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         run_experiment(model_names, methods, data, data_path, seeds=seeds, out=out, **schedule_given,
                        adv_lr=adv_lr, teacher=teacher, preset=p, paper=paper or p is not None, valid_every=valid_every,
                        channels_last=channels_last or None, resume=resume is True, **data_kwargs)
+        if num_distrib() > 1: teardown_distrib() # a clean exit for every process torchrun started
     except (ValueError, FileNotFoundError) as e:
         print(f"afd_train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -381,5 +381,6 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
         runs.to_csv(out/'results.csv', index=False)
         (out/'results.md').write_text(report)
     print('\n' + report, flush=True)
+    if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.barrier() # every process waits for process 0's files
     if progress: print(f"All runs took {_minutes(time.time() - started)}.", flush=True)
     return runs, summary

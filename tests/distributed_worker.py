@@ -36,3 +36,5 @@ if __name__ == '__main__':
     if rank_distrib() == 0:
         torch.save(dict(world=num_distrib(), state=learn.model.state_dict(), values=list(learn.recorder.values[-1]),
                         names=list(learn.recorder.metric_names)), out)
+    torch.distributed.barrier() # process 0 has written its files: every process leaves the group together
+    torch.distributed.destroy_process_group()
