@@ -273,3 +273,20 @@ def test_peers_on_their_own_devices():
     one, placed = trained(None), trained(['cpu', 'cpu'])
     for (k, a), b in zip(one.model.state_dict().items(), placed.model.state_dict().values()): assert torch.equal(a, b), k
     fails(lambda: afd_learner(dls, ['resnet20', 'resnet20'], method='one', devices=['cpu', 'cpu']), contains='share layers')
+
+def test_resume_beside_gradient_accumulation_and_clip(tmp_path):
+    "CheckpointCallback(resume=True) with fastai's GradientAccumulation and GradientClip: the resumed fit still ends bit for bit as one fit"
+    from fastai.callback.training import GradientAccumulation, GradientClip
+    class PowerCut(Callback):
+        def after_batch(self):
+            if self.epoch == 1 and self.iter == 1: raise RuntimeError('power cut')
+    def fit(learn, *cbs):
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(3, 0.05, cbs=[GradientAccumulation(32), GradientClip(1.), *cbs])
+    whole = resumable_learner(tmp_path/'whole')
+    fit(whole, CheckpointCallback('run'))
+    fails(lambda: fit(resumable_learner(tmp_path/'cut'), CheckpointCallback('run', resume=True), PowerCut()), contains='power cut')
+    resumed = resumable_learner(tmp_path/'cut', seed=123)
+    fit(resumed, CheckpointCallback('run', resume=True))
+    same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
+    same(whole.opt.state_dict(), resumed.opt.state_dict(), 'opt')
