@@ -129,7 +129,7 @@ class _StepProbe:
 
 class AdversarialFeatureCallback(Callback):
     "AFD's feature level: each edge's discriminator against its student's feature extractor, with a second optimiser"
-    order,run_valid,warmup = 0,False,0.
+    order,run_valid,warmup,off_in_lr_find = 0,False,0.,True # lr_find: the logit loss only (`AFDLearner.lr_find`)
     ramp = TermCallback.ramp # the share of `gen_weight` in force: a linear ramp over the first `warmup` of training
     def __init__(self, topology='mutual', # who learns from whom: 'mutual', 'cyclic' or a `Topology`
                  lr:float=paper.adv_lr, # the second optimiser's learning rate (paper: 2e-5)
@@ -315,14 +315,14 @@ class AdversarialBackoff(Callback):
                  min_scale:float=1e-3): # never below this share of the scheduled lr
         store_attr()
     def before_fit(self):
-        self.adversaries = [cb for cb in self.learn.cbs if isinstance(cb, AdversarialFeatureCallback)]
-        if not self.adversaries:
+        self.watched = [cb for cb in self.learn.cbs if isinstance(cb, AdversarialFeatureCallback)]
+        if not self.watched:
             raise ValueError("AdversarialBackoff watches AFD's discriminators: use it with an adversarial method (afd, afd_adv_only)")
         if self.patience is not None:
-            for cb in self.adversaries: cb.patience = self.patience
+            for cb in self.watched: cb.patience = self.patience
         self.learn.recorder.adv_backoffs = L()
     def after_batch(self):
-        for cb in self.adversaries:
+        for cb in self.watched:
             if getattr(cb, 'active', False) and cb.diverging and cb.lr_scale > self.min_scale:
                 cb.lr_scale,cb.losing = max(cb.lr_scale * self.factor, self.min_scale),0
                 self.learn.recorder.adv_backoffs.append((self.epoch, self.iter, cb.schedule(self.pct_train) * cb.lr_scale))

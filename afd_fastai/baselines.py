@@ -33,7 +33,7 @@ class EnsembleKDCallback(TermCallback):
 # %% ../nbs/12_baselines.ipynb #8f597ffc
 class AlternatingDMLCallback(Callback):
     "DML with alternating updates: network 0 steps, then each next network from a fresh forward of the batch"
-    run_valid = False
+    run_valid,off_in_lr_find = False,True # lr_find: the networks' cross-entropy alone (`AFDLearner.lr_find`)
     order = 5 # before any callback that changes the loss
     weight_setting = 'kd_weight'
     def __init__(self, T:float=paper.T, weight:float=paper.kd_weight, topology='mutual'): store_attr()

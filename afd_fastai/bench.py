@@ -22,6 +22,7 @@ from fastai.data.core import Datasets
 from fastai.data.transforms import ItemGetter
 from .data import TensorDL, hold_on_device, cifar_tensor_dls
 from .methods import distill_methods
+from .losses import at_least_fp32
 from .topology import as_topology
 from .learner import afd_learner, resolve_model, CheckData
 from .experiment import markdown_table
@@ -44,7 +45,7 @@ def random_dls(n_batches:int, # training batches per epoch
 
 # %% ../nbs/21_bench.ipynb #a3593df6
 def _kl(student, teacher, T):
-    return F.kl_div(F.log_softmax(student.float() / T, -1), F.log_softmax(teacher.detach().float() / T, -1),
+    return F.kl_div(F.log_softmax(at_least_fp32(student) / T, -1), F.log_softmax(at_least_fp32(teacher.detach()) / T, -1),
                     log_target=True, reduction='batchmean') * T ** 2
 
 def _per_student(edges, terms):
@@ -94,7 +95,7 @@ class PlainLoop:
         self.adv_scaler = torch.amp.GradScaler('cuda') if self.precision == 'fp16' else None
 
     def _pool(self, adv, f):
-        f = f.float()
+        f = at_least_fp32(f)
         return f if tuple(f.shape[-2:]) == adv.size else F.adaptive_avg_pool2d(f, adv.size)
 
     def adversarial_losses(self):
@@ -115,7 +116,7 @@ class PlainLoop:
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext())
         with autocast:
             logits = [net(x) for net in self.nets]
-            loss = sum(F.cross_entropy(z.float(), y) for z in logits)
+            loss = sum(F.cross_entropy(at_least_fp32(z), y) for z in logits)
             if self.edges and self.s.kd_weight:
                 loss = loss + self.s.kd_weight * _per_student(self.edges, [_kl(logits[s], logits[t], self.s.T) for t, s in self.edges])
             if self.method == 'afd':

@@ -43,17 +43,29 @@ def probe_forward(model:nn.Module, x):
     return out, records
 
 # %% ../nbs/01_core.ipynb #d15f7815
+def _global_pool(m:nn.Module, out):
+    "Whether `m` is a pooling layer whose output `out` is 1×1: the head's global pooling"
+    return 'pool' in type(m).__name__.lower() and isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[-2:] == (1, 1)
+
 def find_feature_layer(model:nn.Module, x=None, records=None):
-    "Name of the last module of `model` whose output (on `x`, or in `probe_forward`'s `records`) is 4-D and not pooled"
+    "Name of the last module of `model` whose output (on `x`, or in `probe_forward`'s `records`) is 4-D, before global pooling"
     if records is None: _, records = probe_forward(model, x)
-    found = [name for name, m, out in records
+    end = next((i for i, (_, m, out) in enumerate(records) if _global_pool(m, out)), len(records))
+    found = [i for i, (_, m, out) in enumerate(records[:end])
              if isinstance(out, torch.Tensor) and out.ndim == 4 and not isinstance(m, pooling_types)]
     if not found:
         top = [name for name, _ in model.named_children()]
         raise ValueError(f"{type(model).__name__} has no 4-D (B×C×H×W) activation before global pooling, so it has no "
                          f"feature map to distil. Name one with feature_layers=[...] (its top-level modules: {top}), "
                          "or use a convolutional network.")
-    return found[-1]
+    tokens = next(((name, out) for name, _, out in records[found[-1] + 1:] if isinstance(out, torch.Tensor) and out.ndim == 3), None)
+    if tokens is not None:
+        name, out = tokens
+        raise ValueError(f"{type(model).__name__} works on a token sequence ({name!r} gives {out.shape[1]} tokens of {out.shape[2]} "
+                         "per item), not a conv feature map, after its last 4-D activation: name the map to distil with "
+                         "feature_layers=[...] (a timm ViT's patch embedding: 'patch_embed.proj'), or use a method that reads "
+                         "the logits only (dml, kd, vanilla)")
+    return records[found[-1]][0]
 
 # %% ../nbs/01_core.ipynb #49041be0
 def _resnet_depth(model:nn.Module):
@@ -104,7 +116,8 @@ class _KeepMap:
     "Forward hook on network `k`'s feature layer: keeps the output as `peer`'s map `k` while network `k` runs"
     def __init__(self, peer, k): self.peer,self.k = peer,k
     def __call__(self, module, inp, out):
-        if getattr(self.peer, '_running', None) == self.k: self.peer._maps[self.k] = out
+        if self.peer is not None and getattr(self.peer, '_running', None) == self.k: self.peer._maps[self.k] = out
+    def __getstate__(self): return {'peer': None, 'k': self.k} # a network saved alone (peer(k).export()) stays alone
 
 class PeerModel(nn.Module):
     "K networks trained together: forward returns a tuple of K logit tensors and keeps their `feature_maps`."
@@ -113,7 +126,8 @@ class PeerModel(nn.Module):
                  models:list, # the networks (`nn.Module`s), at least two
                  feature_layers:list=None, # per network, the name of the module whose output is its feature map (None: found)
                  names:list=None, # per network, a name for metric columns (default: from the architecture)
-                 devices:list=None): # per network, the device it runs on (['cuda:0', 'cuda:1']); None: the model's one device
+                 devices:list=None, # per network, the device it runs on (['cuda:0', 'cuda:1']); None: the model's one device
+                 need_maps:bool=True): # False: a network with no 4-D activation keeps no feature map (methods using logits only)
         super().__init__()
         models = listify(models)
         if len(models) < 2:
@@ -121,7 +135,7 @@ class PeerModel(nn.Module):
                              "Pass a list such as [resnet32(), resnet32()].")
         for i, m in enumerate(models):
             if not isinstance(m, nn.Module): raise TypeError(f"Network {i} is a {type(m).__name__}, not an nn.Module")
-        self.models = nn.ModuleList(models)
+        self.models,self.need_maps = nn.ModuleList(models),need_maps
         self.names = unique_names(names if names is not None else map(model_name, models))
         layers = listify(feature_layers) if feature_layers is not None else [None] * len(models)
         if len(layers) != len(models) or len(self.names) != len(models):
@@ -140,6 +154,8 @@ class PeerModel(nn.Module):
 
     def _feature_module(self, k):
         layer = self.feature_layers[k]
+        if layer is None: raise ValueError(f"Network {k} ({self.names[k]}) has no feature layer (it has no 4-D activation): "
+                                           "name one of its modules with feature_layers=[...]")
         try: return self.models[k].get_submodule(layer)
         except AttributeError:
             top = [name for name, _ in self.models[k].named_children()]
@@ -155,12 +171,16 @@ class PeerModel(nn.Module):
         for k in range(len(self.models)):
             prefix = f'models.{k}.'
             own = [(name[len(prefix):], m, o) for name, m, o in records if name.startswith(prefix)]
-            if self.feature_layers[k] is None: self.feature_layers[k] = find_feature_layer(self.models[k], records=own)
+            if self.feature_layers[k] is None:
+                try: self.feature_layers[k] = find_feature_layer(self.models[k], records=own)
+                except ValueError:
+                    if getattr(self, 'need_maps', True): raise
             found = [o for name, _, o in own if name == self.feature_layers[k]]
-            maps.append(found[-1] if found else self.feature_maps[k])
+            maps.append(found[-1] if found else self.feature_maps[k] if self.feature_maps else None)
             self.heads[k] = head_modules(own, self.feature_layers[k])
         self.feature_maps = None
-        self.feature_shapes = [tuple(f.shape[1:]) for f in maps]
+        self.feature_shapes = [None if f is None else tuple(f.shape[1:]) for f in maps]
+        self._set_up = True
         self.n_outputs = [o.shape[-1] for o in out]
         return self
 
@@ -169,13 +189,13 @@ class PeerModel(nn.Module):
         if getattr(self, '_hooked', None) == self.feature_layers: return
         for m in self.models.modules(): # the hooks of the layers named before
             for key, hook in list(m._forward_hooks.items()):
-                if isinstance(hook, _KeepMap) and hook.peer is self: del m._forward_hooks[key]
+                if isinstance(hook, _KeepMap) and hook.peer in (self, None): del m._forward_hooks[key] # None: from a copy
         for k, layer in enumerate(self.feature_layers):
             if layer is not None: self._feature_module(k).register_forward_hook(_KeepMap(self, k))
         self._hooked = list(self.feature_layers)
 
     def forward(self, x):
-        if None in self.feature_layers and not getattr(self, '_in_setup', False): self.setup(x)
+        if None in self.feature_layers and not getattr(self, '_set_up', False) and not getattr(self, '_in_setup', False): self.setup(x)
         self._hook_feature_layers()
         self._maps, logits = [None] * len(self.models), []
         for k, net in enumerate(self.models):
@@ -200,6 +220,7 @@ class PeerModel(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state['feature_maps'] = state['_maps'] = None # activations of the last batch are not part of the model
+        state['_hooked'] = None # the copy hooks its own feature layers at its first forward
         return state
 
 # %% ../nbs/01_core.ipynb #66ec26d6

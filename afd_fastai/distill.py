@@ -22,6 +22,7 @@ class TermCallback(Callback):
     "Add `weight` × `term()` to the training loss (order 0, before `GradientAccumulation` and `MixedPrecision`)"
     order,run_valid,column,weight_setting = 0,False,'term','kd_weight' # weight_setting: afd_learner's setting for `weight`
     total,count,warmup = 0.,0,0. # warmup: the fraction of training over which the weight ramps up from 0
+    off_in_lr_find = True # lr_find measures the networks' cross-entropy alone (`AFDLearner.lr_find`)
     def __init__(self, weight:float=1.): self.weight = weight
     def term(self): raise NotImplementedError("A TermCallback gives term(): the loss term of this batch")
     def ramp(self):

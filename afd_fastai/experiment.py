@@ -11,6 +11,7 @@ __all__ = ['demo_methods', 'fair_data_sets', 'data_sets', 'fair_demo_methods', '
 import time, contextlib, os
 from pathlib import Path
 import pandas as pd
+from fastcore.foundation import L
 from fastai.torch_core import set_seed, num_distrib, rank_distrib
 import torch
 from fastai.learner import Learner, Recorder, ValueMetric
@@ -18,7 +19,7 @@ from fastai.callback.core import Callback, CancelFitException
 import fastai.callback.channelslast # Learner.to_channelslast
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from .data import digits_dls, cifar_dls, imagenet_dls
+from .data import digits_dls, cifar_dls, imagenet_dls, fashion_mnist_dls
 from .fair_data import digits_s_dls, cifar10s_dls, utkface_dls, celeba_dls
 from .groups import GroupTarget
 from .models import cifar10s_net
@@ -34,13 +35,13 @@ from .presets import preset_report
 # %% ../nbs/10a_experiment.ipynb #2296bc24
 demo_methods = ('vanilla', 'dml', 'afd') # what `afd_train` compares by default
 fair_data_sets = ('digits_s', 'cifar10s', 'utkface', 'celeba') # batches with a sensitive group
-data_sets = ('digits', 'cifar10', 'cifar100', 'imagenet') + fair_data_sets
+data_sets = ('digits', 'fashion_mnist', 'cifar10', 'cifar100', 'imagenet') + fair_data_sets
 fair_demo_methods = ('scratch', 'ss', 'mfd') # what `afd_train` compares by default on fairness data
 
 # %% ../nbs/10a_experiment.ipynb #34f2c7d8
 def regime_of(data:str):
     "The default regime of data set `data` ('digits', 'digits_s', 'imagenet', the fairness sets, else CIFAR)"
-    if data in ('digits', 'digits_s', 'imagenet'): return regimes[data]
+    if data in ('digits', 'digits_s', 'fashion_mnist', 'imagenet'): return regimes[data]
     return regimes['fair' if data in fair_data_sets else 'cifar']
 
 def resolve_settings(data:str='digits', **given):
@@ -50,11 +51,15 @@ def resolve_settings(data:str='digits', **given):
 
 # %% ../nbs/10a_experiment.ipynb #4c8bce6c
 def make_dls(data:str='digits', data_path=None, bs:int=None, seed:int=0, size:int=None, n_per_class:int=None,
-             label_noise:float=None, skew:float=None):
+             label_noise:float=None, skew:float=None, holdout_per_class:int=None):
     "DataLoaders for `data`: 'digits' (the demo regime unless overridden), 'cifar10', 'cifar100' or 'imagenet'"
     if data == 'digits':
         s = resolve_settings(data, size=size, n_per_class=n_per_class, label_noise=label_noise, bs=bs)
         return digits_dls(size=s['size'], n_per_class=s['n_per_class'] or None, label_noise=s['label_noise'], bs=s['bs'], seed=seed)
+    if data == 'fashion_mnist':
+        s = resolve_settings(data, size=size, n_per_class=n_per_class, bs=bs)
+        return fashion_mnist_dls(data_path, n_per_class=s['n_per_class'] or None, seed=seed, size=s['size'], bs=s['bs'],
+                                 holdout_per_class=holdout_per_class)
     if data == 'digits_s':
         s = resolve_settings(data, size=size, n_per_class=n_per_class, bs=bs, skew=skew)
         return digits_s_dls(skew=s['skew'], size=s['size'], n_per_class=s.get('n_per_class') or None, bs=s['bs'], seed=seed)
@@ -97,11 +102,21 @@ class ValidateEvery(Callback):
         "Whether the column `name` comes from validation (the validation loss or a metric computed over the validation set)"
         if name == 'valid_loss': return True
         return any(m.name == name and not isinstance(m, ValueMetric) for m in self.learn.metrics)
+    def before_epoch(self):
+        if self.n > 1 and not hasattr(self, 'shown'): # the table shows a skipped validation's columns blank, not None
+            self.shown,self.learn.logger = self.learn.logger,self._show
+    def _show(self, log): self.shown(L(['' if v is None else v for v in log]))
     def before_validate(self): # a skipped epoch validates on no batches: its columns are empty, the table stays aligned
         if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch:
             started = iter(self.dl) # start the loader as validation would (torch draws a seed from its generator
             next(started, None); started.close() # there), so that training then sees what it would have seen
             self.learn.dl = []
+            self.paused = getattr(self.learn, 'progress', None) # no progress bar over no batches
+            if self.paused is not None: self.paused.run = False
+    def after_epoch(self):
+        if getattr(self, 'paused', None) is not None: self.paused.run,self.paused = True,None
+    def after_fit(self):
+        if hasattr(self, 'shown'): self.learn.logger = self.shown; del self.shown
 
 def _valid_every(s, given):
     "Epochs between validations: `given`, else the regime's in `s`; every epoch under the plateau schedule unless `given`"
@@ -185,7 +200,8 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
     if out is not None:
         learn.path = Path(out)
         cbs.append(CheckpointCallback(f'{method}_seed{seed}', resume=resume))
-    start = time.time()
+    set_seed(seed, reproducible=True) # the same augmentation and sampling draws for every method: building a method's
+    start = time.time()                # modules drew from the generators
     with _quiet(learn, progress), _data_parallel(learn): _fit(learn, epochs, lr, schedule, milestones, cbs, every)
     paper_cols = preset.paper_columns(learn.names) if preset is not None else None
     return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
@@ -265,6 +281,9 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, vali
         d = s
         what = (f"digits {d['size']}×{d['size']}, {d['n_per_class'] or 'all'} training images per class, "
                 f"{100 * d['label_noise']:.0f} % of training labels wrong, clean held-out validation (25 %)")
+    elif data == 'fashion_mnist':
+        what = (f"Fashion-MNIST {s['size']}×{s['size']}, {s['n_per_class'] or 'all 6,000'} training images per class, "
+                f"pad-crop and flip; {'a held-out part of the training set' if s.get('holdout_per_class') else 'the 10,000 test images'} for validation")
     elif data == 'digits_s':
         what = (f"digits-S {s['size']}×{s['size']}: {100 * s['skew']:.0f} % of classes 0–4 gray and of 5–9 colour in training, "
                 "every held-out digit in both (25 %); Adam")

@@ -54,8 +54,8 @@ class PeerLoss:
     @property
     def part_names(self): return [f'ce_{n}' for n in self.names]
     def activation(self, preds):
-        "Each network's probabilities (what `get_preds` returns)"
-        return tuple(F.softmax(p, dim=-1) for p in preds)
+        "The ensemble's probabilities (what `get_preds` returns): the networks' averaged softmax, or ONE's gated output's"
+        return ensemble_probs(preds, self.gated)
     def decodes(self, probs):
         "The ensemble's class (`probs` one tensor: its argmax)"
         if isinstance(probs, torch.Tensor): return probs.argmax(dim=-1)

@@ -243,12 +243,12 @@ def test_export_load_learner_and_peer(small_digits, tmp_path):
     learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], path=tmp_path, paper=True)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
     items = small_digits.valid_ds.items[:8]
-    preds = learn.get_preds(dl=small_digits.test_dl(items))[0]
+    preds = learn.get_preds(dl=small_digits.test_dl(items), per_network=True)[0]
     learn.export('afd.pkl')
     assert learn.adversarial_feature.adv_opt is not None # export leaves the live learner intact
     loaded = load_learner(tmp_path/'afd.pkl')
     assert loaded.adversarial_feature.adv_opt is None and len(loaded.model.adversaries) == 2
-    for a, b in zip(loaded.get_preds(dl=loaded.dls.test_dl(items))[0], preds): torch.testing.assert_close(a, b)
+    for a, b in zip(loaded.get_preds(dl=loaded.dls.test_dl(items), per_network=True)[0], preds): torch.testing.assert_close(a, b)
     one = learn.peer(0)
     torch.testing.assert_close(one.get_preds(dl=small_digits.test_dl(items))[0], preds[0])
 

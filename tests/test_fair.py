@@ -139,7 +139,7 @@ def test_lr_find_and_get_preds_compose(dls, teacher):
         learn.lr_find(num_it=5, show_plot=False)
         learn.fit(1, 0.01)
     assert learn.opt is not None and learn.dls.train.__class__.__name__ == 'TfmdDL'
-    preds, targs = learn.get_preds()
+    preds, targs = learn.get_preds(per_network=True)
     assert len(preds) == 2 and targs.max() < 10 and len(targs) == len(dls.valid_ds) # the class only, never the group
 
 

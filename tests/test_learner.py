@@ -127,9 +127,12 @@ def test_discriminative_learning_rates_span_bodies_to_heads():
 def test_interpretation_get_preds_with_loss_tta_and_show_results(dls):
     learn = afd_learner(dls, ['resnet20', 'wrn16_2'], method='dml')
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.05)
-    (p0, p1), targs, losses = learn.get_preds(with_loss=True)
+    (p0, p1), targs, losses = learn.get_preds(with_loss=True, per_network=True)
     by_hand = F.nll_loss(p0.log(), targs.long(), reduction='none') + F.nll_loss(p1.log(), targs.long(), reduction='none')
-    close(losses, by_hand, eps=1e-4)
+    close(losses, by_hand, eps=1e-4) # per network: the summed cross-entropies
+    ens_probs, _, ens_losses = learn.get_preds(with_loss=True)
+    close(ens_probs, (p0 + p1) / 2, eps=1e-6)
+    close(ens_losses, -((p0 + p1) / 2).gather(1, targs.long()[:, None])[:, 0].log(), eps=1e-4) # the ensemble's: its NLL
     interp = ClassificationInterpretation.from_learner(learn) # fastai's own entry point works on the ensemble
     ens = ((p0 + p1) / 2).argmax(1)
     equal(interp.confusion_matrix().trace(), (ens == targs).sum().item())
@@ -139,10 +142,10 @@ def test_interpretation_get_preds_with_loss_tta_and_show_results(dls):
     import fastai.vision.learner # plot_top_losses for images
     ours.plot_top_losses(4)
     equal(learn.interpret('wrn16_2').confusion_matrix().trace(), (p1.argmax(1) == targs).sum().item())
-    (t0, t1), tt = learn.tta(n=2)
-    equal(t0.shape, p0.shape); equal(tt, targs)
-    (a0, a1), (b0, b1) = learn.tta(n=2, beta=None)[0]
-    close(b0, p0, eps=1e-5)
+    t, tt = learn.tta(n=2)
+    equal(t.shape, p0.shape); equal(tt, targs)
+    aug, plain = learn.tta(n=2, beta=None)[0]
+    close(plain, (p0 + p1) / 2, eps=1e-5)
     learn.show_results(max_n=4) # the ensemble's predictions
     learn.peer('wrn16_2').show_results(max_n=4) # one network's, through its plain fastai Learner
 

@@ -136,18 +136,19 @@ def test_one_learner_predicts_with_the_gated_ensemble(small_digits, tmp_path):
     assert [m.name for m in learn.metrics] == ['acc_resnet20_1', 'acc_resnet20_2', 'acc_avg', 'acc_ens', 'distill_loss']
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 0.05)
     values = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:])) # read before get_preds resets them
-    preds, targs = learn.get_preds()
+    preds, targs = learn.get_preds(per_network=True)
     assert len(preds) == 3 # two branches and the gated ensemble
+    torch.testing.assert_close(learn.get_preds()[0], preds[2]) # the ensemble's answer is the gated one
     acc = [(p.argmax(1) == targs).float().mean().item() for p in preds]
     assert values['acc_ens'] == pytest.approx(acc[2], abs=1e-6) and values['acc_avg'] == pytest.approx((acc[0] + acc[1]) / 2, abs=1e-6)
     item = small_digits.valid_ds.items[0]
     _, idx, probs = learn.predict(item)
-    torch.testing.assert_close(probs, learn.get_preds(dl=small_digits.test_dl([item]))[0][2][0])
+    torch.testing.assert_close(probs, learn.get_preds(dl=small_digits.test_dl([item]), per_network=True)[0][2][0])
     # branch k alone is a complete network: export it and predict the same
     branch = learn.peer(1)
     branch.export(tmp_path/'branch.pkl')
     loaded = load_learner(tmp_path/'branch.pkl')
-    torch.testing.assert_close(loaded.get_preds(dl=loaded.dls.test_dl([item]))[0], learn.get_preds(dl=small_digits.test_dl([item]))[0][1])
+    torch.testing.assert_close(loaded.get_preds(dl=loaded.dls.test_dl([item]))[0], learn.get_preds(dl=small_digits.test_dl([item]), per_network=True)[0][1])
 
 
 def test_one_refuses_different_architectures(small_digits):

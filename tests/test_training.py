@@ -26,7 +26,7 @@ def test_validation_loss_is_plain_cross_entropy(small_digits):
     assert 'ce_resnet20_1' in parts and 'ce_resnet20_2' in parts
     assert valid_loss == pytest.approx(parts['ce_resnet20_1'] + parts['ce_resnet20_2'], rel=1e-4)
     # computed by hand over the validation set: the sum of the two networks' cross-entropies, no KL
-    (p1, p2), targs = learn.get_preds()
+    (p1, p2), targs = learn.get_preds(per_network=True)
     ce = sum(torch.nn.functional.nll_loss(p.log(), targs.long()) for p in (p1, p2))
     assert valid_loss == pytest.approx(ce.item(), rel=1e-3)
 
@@ -43,7 +43,7 @@ def test_training_loss_includes_distillation(small_digits):
 
 def test_get_preds_show_results_and_lr_find(small_digits):
     learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml')
-    (p1, p2), targs, decoded = learn.get_preds(with_decoded=True)
+    (p1, p2), targs, decoded = learn.get_preds(with_decoded=True, per_network=True)
     n = len(small_digits.valid_ds)
     assert p1.shape == p2.shape == (n, 10)
     torch.testing.assert_close(p1.sum(1), torch.ones(n))
@@ -58,21 +58,21 @@ def test_save_load_round_trip(small_digits, tmp_path):
     learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml', path=tmp_path)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
     learn.save('pair')
-    preds = learn.get_preds()[0]
+    preds = learn.get_preds(per_network=True)[0]
     other = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml', path=tmp_path)
-    assert not torch.allclose(other.get_preds()[0][0], preds[0])
+    assert not torch.allclose(other.get_preds(per_network=True)[0][0], preds[0])
     other.load('pair')
-    for a, b in zip(other.get_preds()[0], preds): torch.testing.assert_close(a, b)
+    for a, b in zip(other.get_preds(per_network=True)[0], preds): torch.testing.assert_close(a, b)
     torch.testing.assert_close(other.opt.state_dict()['state'], learn.opt.state_dict()['state']) # momentum buffers too
 
 def test_export_and_peer_export(small_digits, tmp_path):
     learn = afd_learner(small_digits, ['resnet20', 'wrn16_2'], method='dml', path=tmp_path)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
     items = small_digits.valid_ds.items[:8]
-    preds = learn.get_preds(dl=small_digits.test_dl(items))[0]
+    preds = learn.get_preds(dl=small_digits.test_dl(items), per_network=True)[0]
     learn.export('pair.pkl')
     loaded = load_learner(tmp_path/'pair.pkl')
-    for a, b in zip(loaded.get_preds(dl=loaded.dls.test_dl(items))[0], preds): torch.testing.assert_close(a, b)
+    for a, b in zip(loaded.get_preds(dl=loaded.dls.test_dl(items), per_network=True)[0], preds): torch.testing.assert_close(a, b)
     one = learn.peer(1)
     one.export('wrn.pkl')
     single = load_learner(tmp_path/'wrn.pkl')
