@@ -13,7 +13,7 @@ from pathlib import Path
 from fastcore.script import call_parse, anno_parser
 from fastcore.basics import listify
 from .models import model_zoo
-from .data import find_cifar_folder, check_image_folder
+from .data import find_cifar_folder, check_image_folder, find_fashion_mnist
 from .methods import distill_methods
 from .learner import known_model
 from .presets import presets, list_presets as preset_table
@@ -43,8 +43,9 @@ def check_options(models, methods, data, data_path, epochs, bs, lr, schedule, se
         if not Path(teacher).is_file(): raise ValueError(f"--teacher {teacher}: no such file")
     if adv_lr is not None and not adv_lr > 0: raise ValueError(f"--adv-lr must be positive, got {adv_lr}")
     if data not in data_sets: raise ValueError(f"unknown data set {data!r}: choose {', '.join(data_sets)}")
-    if data not in ('digits', 'digits_s') and not data_path: raise ValueError(f"--data {data} needs --data-path")
-    if data == 'imagenet': check_image_folder(data_path)
+    if data not in ('digits', 'digits_s', 'fashion_mnist') and not data_path: raise ValueError(f"--data {data} needs --data-path")
+    if data == 'fashion_mnist': find_fashion_mnist(data_path) # where it is installed, without --data-path
+    elif data == 'imagenet': check_image_folder(data_path)
     elif data in ('utkface', 'celeba'):
         if not Path(data_path).is_dir(): raise ValueError(f"--data-path {data_path}: no such folder")
     elif data == 'cifar10s': find_cifar_folder(data_path, 10)
@@ -66,8 +67,8 @@ def _ints(s, what):
 @call_parse
 def afd_train(models:str=None, # comma-separated networks trained together (zoo or torchvision names; offline methods: teacher first). Default resnet20,wrn16_2
               method:str=None, # a method (afd, afd_adv_only, dml, dml_alternating, kd, one, l1, l1_kd, kd_offline, l1_kd_offline, vanilla; fairness: scratch, hkd, fitnet, fitnet_one_stage, at, nst, ad, ss, ss_hkd, ss_fitnet, ad_hkd, ad_fitnet, mfd), several comma-separated, or compare (vanilla,dml,afd; on fairness data scratch,ss,mfd; the default)
-              data:str=None, # digits (default), cifar10, cifar100, imagenet; with sensitive groups: digits_s, cifar10s, utkface, celeba
-              data_path:str=None, # folder holding the data: CIFAR python format, or ImageNet's train/ and val/ class folders
+              data:str=None, # digits (default), fashion_mnist, cifar10, cifar100, imagenet; with sensitive groups: digits_s, cifar10s, utkface, celeba
+              data_path:str=None, # folder holding the data: CIFAR python format, ImageNet's train/ and val/ class folders, Fashion-MNIST's IDX files (default: where installed)
               epochs:int=None, # epochs (default: 30 on digits, 300 on CIFAR, 90 on ImageNet)
               bs:int=None, # batch size (default: 32 on digits, 128 on CIFAR, 256 on ImageNet)
               lr:float=None, # peak learning rate (default: 0.05 on digits, 0.1 on CIFAR and ImageNet)
@@ -77,7 +78,7 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
               channels_last:bool=False, # networks and inputs in channels-last memory format (always on digits)
               out:str='afd_results', # output folder for results.csv, results.md and each run's checkpoint in models/
               size:int=None, # digits: image size (default 16); ImageNet: crop size (default 224)
-              n_per_class:int=None, # digits: training images per class (default 20; 0 for all)
+              n_per_class:int=None, # digits, fashion_mnist: training images per class (default 20, 100; 0 for all)
               label_noise:float=None, # digits: fraction of wrong training labels (default 0.4)
               skew:float=None, # digits_s, cifar10s: share of each class in its majority group (default 0.9, 0.8)
               adv_lr:float=None, # AFD: the second (adversarial) optimiser's learning rate (default 2e-4; the paper's 2e-5)
@@ -104,6 +105,7 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         check_options(model_names, methods, data, data_path, seeds=seeds, adv_lr=adv_lr, teacher=teacher, **schedule_given)
         if valid_every is not None and valid_every < 1: raise ValueError(f"--valid-every must be at least 1, got {valid_every}")
         data_kwargs = (dict(size=size, n_per_class=n_per_class, label_noise=label_noise) if data == 'digits'
+                       else dict(size=size, n_per_class=n_per_class) if data == 'fashion_mnist'
                        else dict(size=size, n_per_class=n_per_class, skew=skew) if data == 'digits_s'
                        else dict(skew=skew) if data == 'cifar10s'
                        else dict(size=size) if data in ('imagenet', 'utkface', 'celeba') else {})

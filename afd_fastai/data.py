@@ -314,6 +314,7 @@ def fashion_mnist_dls(path=None, # folder with the four IDX files (or torchvisio
     mean, std = train_float.mean().item(), train_float.std().item()
     tfms = [IntToFloatTensor()] + ([PadCropFlip(pad=max(1, size // 8))] if augment else []) + [Normalize.from_stats([mean], [std], cuda=False)]
     n_train = len(x_train)
+    kwargs.setdefault('val_bs', max(bs, 500)) # 10,000 test images: validation needs no small batches
     return _make_dls(torch.cat([x_train, x_test]), np.concatenate([y_train, y_test]),
                      (list(range(n_train)), list(range(n_train, n_train + len(x_test)))), names, bs, tfms, device, on_device, **kwargs)
 

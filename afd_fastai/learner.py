@@ -424,6 +424,9 @@ class CheckData(Callback):
                                       f"Give the networks n_out equal to the number of classes, or fix the labels")
     def _check_batch_size(self, model):
         dl = self.dls.train
+        if dl.drop_last and 0 < len(dl.dataset) < dl.bs:
+            raise ValueError(f"The training set holds {len(dl.dataset)} items, fewer than one batch ({dl.bs}), and fastai drops the last "
+                             "partial training batch: nothing would train. Use a smaller batch size (bs=) or more training items")
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()): return
         n, bs = len(dl.dataset), dl.bs
         if bs == 1 or (not dl.drop_last and n % bs == 1):

@@ -28,6 +28,7 @@ def afd_train(*args, cwd):
     (['--method', 'dml', '--teacher', 'x.pth'], '--teacher is for the offline methods'),
     (['--method', 'kd_offline', '--models', 'resnet20'], "teacher's network then the student's"),
     (['--data', 'imagenet', '--data-path', '.', '--models', 'resnet18,resnet34'], 'train/ and val/'),
+    (['--data', 'fashion_mnist', '--data-path', 'nowhere'], 'Fashion-MNIST was not found in nowhere'),
 ])
 def test_bad_options_fail_clearly(tmp_path, monkeypatch, capsys, args, message):
     "In-process through the console entry point (the same parser and checks, without a new interpreter per case)"
@@ -134,3 +135,19 @@ def test_resume_continues_an_interrupted_run_as_if_uninterrupted(tmp_path):
     a, b = pd.read_csv(tmp_path/'whole'/'results.csv'), pd.read_csv(tmp_path/'cut'/'results.csv')
     cols = [c for c in a.columns if c.startswith(('acc', 'd_loss', 'g_loss'))]
     pd.testing.assert_frame_equal(a[['method', 'seed'] + cols], b[['method', 'seed'] + cols])
+
+def test_fashion_mnist_run(tmp_path):
+    "--data fashion_mnist on a small folder of the four IDX files: the regime printed, a row per method"
+    import numpy as np
+    from afd_fastai.data import write_idx
+    rng = np.random.RandomState(0)
+    (tmp_path/'fm').mkdir()
+    for name, n in (('train', 60), ('t10k', 20)):
+        write_idx(tmp_path/'fm'/f'{name}-images-idx3-ubyte.gz', rng.randint(0, 256, (n, 28, 28)))
+        write_idx(tmp_path/'fm'/f'{name}-labels-idx1-ubyte.gz', np.arange(n) % 10)
+    res = afd_train('--data', 'fashion_mnist', '--data-path', 'fm', '--n-per-class', '4', '--bs', '8', '--epochs', '1',
+                    '--method', 'vanilla,dml', '--seed', '0', '--out', 'res', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = pd.read_csv(tmp_path/'res'/'results.csv')
+    assert list(runs['method']) == ['vanilla', 'dml'] and runs['acc_avg'].between(0, 1).all()
+    assert 'Regime: Fashion-MNIST 32×32, 4 training images per class, pad-crop and flip; the 10,000 test images' in res.stdout

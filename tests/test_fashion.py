@@ -1,0 +1,30 @@
+"The real Fashion-MNIST (Debian's dataset-fashion-mnist, which .ci/run installs): read whole, drawn per class, learnt"
+import numpy as np, pytest, torch
+from afd_fastai.data import load_fashion_mnist, fashion_mnist_dls, find_fashion_mnist, fashion_mnist_classes
+from afd_fastai.learner import afd_learner
+
+def test_reads_the_standard_files():
+    x_train, y_train, x_test, y_test, classes = load_fashion_mnist()
+    assert x_train.shape == (60_000, 1, 28, 28) and x_test.shape == (10_000, 1, 28, 28) and x_train.dtype == torch.uint8
+    assert np.bincount(y_train).tolist() == [6000] * 10 and np.bincount(y_test).tolist() == [1000] * 10
+    assert y_train[:3].tolist() == [9, 0, 0] and classes == fashion_mnist_classes # the files' first labels: ankle boot, T-shirts
+    assert [f.name for f in find_fashion_mnist()][0].startswith('train-images-idx3-ubyte')
+
+def test_class_balanced_draws_and_the_whole_test_set():
+    dls = fashion_mnist_dls(n_per_class=30, seed=3, bs=50)
+    y = dls.train.dataset.batch_tensors[1].cpu()
+    assert np.bincount(y.numpy()).tolist() == [30] * 10 and len(dls.valid_ds) == 10_000
+    again = fashion_mnist_dls(n_per_class=30, seed=3, bs=50)
+    assert torch.equal(dls.train.dataset.batch_tensors[0], again.train.dataset.batch_tensors[0]) # the same draw per seed
+    other = fashion_mnist_dls(n_per_class=30, seed=4, bs=50)
+    assert not torch.equal(dls.train.dataset.batch_tensors[0], other.train.dataset.batch_tensors[0])
+    with pytest.raises(ValueError, match="n_per_class=6001 but class 0 \\('T-shirt/top'\\) has only 6000"):
+        fashion_mnist_dls(n_per_class=6001)
+
+def test_peers_learn_real_clothes():
+    "Two ResNet-20s, 40 images per class, 4 epochs: far above chance (10 %) on 300 held-out training images"
+    dls = fashion_mnist_dls(n_per_class=40, holdout_per_class=30, bs=40)
+    learn = afd_learner(dls, ['resnet20', 'resnet20'], method='dml')
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.05)
+    acc = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
+    assert acc['acc_ens'] > 0.5, acc
