@@ -46,6 +46,8 @@ def test_console_script_exits_with_status_2(tmp_path):
 def test_short_run_writes_tables(tmp_path):
     res = afd_train('--epochs', '1', '--n-per-class', '5', '--seed', '0,1', '--out', 'res', cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
+    for noise in ('shadowing', 'generator is empty', 'afd_fastai/'): assert noise not in res.stderr, res.stderr[-2000:] # no warning of ours
+    assert 'None' not in res.stdout # skipped validations show blank columns
     runs = pd.read_csv(tmp_path/'res'/'results.csv')
     assert list(runs['method']) == ['vanilla', 'vanilla', 'dml', 'dml', 'afd', 'afd']
     assert list(runs['seed']) == [0, 1, 0, 1, 0, 1]
