@@ -23,7 +23,7 @@ from afd_fastai.data import fashion_mnist_dls
 from afd_fastai.learner import afd_learner
 from afd_fastai.experiment import ValidateEvery, markdown_table, paired, paired_ci
 from afd_fastai.adversarial import AdversarialDivergenceWarning
-from short_schedules import parse_settings, _append, _done
+from short_schedules import parse_settings, result_row, _append, _done
 
 def one_run(n_per_class, nets, method, epochs, seed, bs=64, lr=0.05, holdout=None, **settings):
     "Train `nets` with `method` for `epochs` of `fit_one_cycle`, validating after the last; each network's, the average and the ensemble's accuracy"
@@ -70,11 +70,7 @@ def main(n_per_class:int=100, # training images per class (0: all 6,000)
                 with warnings.catch_warnings(): # the guard's warning is recorded in the row (adv_warned)
                     warnings.simplefilter('ignore', AdversarialDivergenceWarning)
                     accs, game, secs = one_run(n_per_class, nets.split(','), method, n_epochs, seed, bs, lr, holdout, **extra)
-                row = dict(regime=regime, nets=nets, method=method, tag=tag, epochs=n_epochs, seed=seed,
-                           acc_avg=accs['acc_avg'], acc_ens=accs['acc_ens'],
-                           acc_nets=';'.join(f"{v:.4f}" for k, v in accs.items() if k not in ('acc_avg', 'acc_ens')),
-                           seconds=round(secs, 1), d_loss=game.get('d_loss', ''), g_loss=game.get('g_loss', ''),
-                           adv_warned=game.get('adv_warned', ''))
+                row = result_row(regime, nets, method, tag, n_epochs, seed, accs, game, secs)
                 _append(out, row)
                 print(f"{regime} {nets} {method}/{tag} {n_epochs} ep seed {seed}: acc_avg {100 * row['acc_avg']:.2f} "
                       f"ens {100 * row['acc_ens']:.2f} ({secs:.0f} s)", flush=True)

@@ -51,6 +51,14 @@ def one_run(regime, nets, method, epochs, seed, size=16, bs=None, lr=0.05, **set
     game = {} if adv is None else dict(d_loss=values['d_loss'], g_loss=values['g_loss'], adv_warned=int(adv.warned))
     return accs, game, time.time() - start
 
+def result_row(regime, nets, method, tag, epochs, seed, accs, game, secs):
+    "One run's CSV row: each network's accuracy (`acc_nets`), the average and the ensemble's, time, AFD's last losses"
+    return dict(regime=regime, nets=nets, method=method, tag=tag, epochs=epochs, seed=seed,
+                acc_avg=accs.get('acc_avg', next(iter(accs.values()))), acc_ens=accs.get('acc_ens', float('nan')),
+                acc_nets=';'.join(f"{v:.4f}" for k, v in accs.items() if k not in ('acc_avg', 'acc_ens')),
+                seconds=round(secs, 1), d_loss=game.get('d_loss', ''), g_loss=game.get('g_loss', ''),
+                adv_warned=game.get('adv_warned', ''))
+
 def _done(out):
     if not Path(out).exists(): return set()
     runs = pd.read_csv(out)
@@ -91,11 +99,7 @@ def main(regime:str='noisy', # 'all' images with clean labels, or the demo's 'no
                 with warnings.catch_warnings(): # the guard's warning is recorded in the row (adv_warned)
                     warnings.simplefilter('ignore', AdversarialDivergenceWarning)
                     accs, game, secs = one_run(regime, nets.split(','), method, n_epochs, seed, size, bs, lr, **extra)
-                row = dict(regime=name, nets=nets, method=method, tag=tag, epochs=n_epochs, seed=seed,
-                           acc_avg=accs.get('acc_avg', next(iter(accs.values()))), acc_ens=accs.get('acc_ens', float('nan')),
-                           acc_nets=';'.join(f"{v:.4f}" for k, v in accs.items() if k not in ('acc_avg', 'acc_ens')),
-                           seconds=round(secs, 1), d_loss=game.get('d_loss', ''), g_loss=game.get('g_loss', ''),
-                           adv_warned=game.get('adv_warned', ''))
+                row = result_row(name, nets, method, tag, n_epochs, seed, accs, game, secs)
                 _append(out, row)
                 print(f"{regime} {nets} {method}/{tag} {n_epochs} ep seed {seed}: acc_avg {100 * row['acc_avg']:.1f} "
                       f"({secs:.0f} s)", flush=True)

@@ -28,3 +28,18 @@ def test_peers_learn_real_clothes():
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 0.05)
     acc = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
     assert acc['acc_ens'] > 0.5, acc
+
+def test_benchmark_appends_one_row_per_run_and_skips_finished_ones(tmp_path, capsys):
+    import sys, pandas as pd
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1]/'benchmarks'))
+    import fashion_mnist
+    args = dict(n_per_class=2, holdout=2, bs=10, epochs='1', seeds='0', methods='vanilla,afd', out=str(tmp_path/'fm.csv'))
+    fashion_mnist.main(**args)
+    runs = pd.read_csv(tmp_path/'fm.csv')
+    assert list(runs.method) == ['vanilla', 'afd'] and set(runs.regime) == {'fm2_holdout'} and runs.acc_avg.between(0, 1).all()
+    assert runs.d_loss.isna().tolist() == [True, False] # AFD's last losses are kept
+    fashion_mnist.main(**args) # an interrupted sweep continues: finished runs are not run again
+    assert len(pd.read_csv(tmp_path/'fm.csv')) == 2
+    fashion_mnist.main(summary=str(tmp_path/'fm.csv'))
+    assert '| fm2_holdout |' in capsys.readouterr().out
