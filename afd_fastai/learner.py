@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['aligners', 'cyclic_from_three', 'adversarial_callback', 'method_callbacks', 'torchvision_models', 'timm_models',
-           'known_model', 'set_input_channels', 'resolve_model', 'AFDLearner', 'check_single_label', 'build_peer_model',
-           'add_method_modules', 'check_feature_maps', 'NonFiniteError', 'StopOnNonFinite', 'training_labels',
-           'CheckData', 'afd_learner', 'CheckpointCallback', 'training_state', 'load_training_state']
+           'known_model', 'set_input_channels', 'resolve_model', 'AFDLearner', 'peek_batch', 'check_single_label',
+           'build_peer_model', 'add_method_modules', 'check_feature_maps', 'NonFiniteError', 'StopOnNonFinite',
+           'training_labels', 'CheckData', 'afd_learner', 'CheckpointCallback', 'training_state', 'load_training_state']
 
 # %% ../nbs/08_learner.ipynb #e2ed74da
 import inspect, os, random, math
@@ -274,9 +274,17 @@ def compile_networks(self:AFDLearner, **kwargs):
     return self
 
 # %% ../nbs/08_learner.ipynb #87f70dcd
+def peek_batch(dls):
+    "A batch of `dls` (validation's, else training's), drawn without moving any random generator"
+    dl = dls.valid if len(dls.valid) else dls.train
+    state = dl.rng.getstate() if hasattr(dl, 'rng') else None
+    with torch.random.fork_rng(devices=[]): b = dl.one_batch() # torch's loader draws a seed when it starts
+    if state is not None: dl.rng.setstate(state)
+    return b
+
 def check_single_label(dls):
-    "Raise a clear error unless `dls` yields (input, one class index per item) batches; the probe batch of inputs"
-    b = dls.valid.one_batch() if len(dls.valid) else dls.train.one_batch()
+    "Raise a clear error unless `dls` yields (input, one class index per item) batches; their inputs"
+    b = peek_batch(dls)
     if len(b) < 2: raise ValueError("afd_learner trains classifiers: the data's batches need targets, (input, class) per item")
     y = b[1]
     if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.is_floating_point():
@@ -304,7 +312,7 @@ def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_
     if n_out is not None and data_c is not None and n_out != data_c:
         raise ValueError(f"n_out={n_out} but the data has {data_c} classes")
     n_out = n_out or data_c
-    x = check_single_label(dls)[:2]
+    x = check_single_label(dls)
     n_in = x.shape[1] if isinstance(x, torch.Tensor) and x.ndim == 4 else None # images: their channels
     nets = [resolve_model(m, n_out, n_in, pretrained) for m in ([models] if isinstance(models, nn.Module) else listify(models))]
     if method.offline:
@@ -322,6 +330,7 @@ def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_
         raise ValueError(f"{method.name}'s networks share layers, so they cannot run on separate devices: leave devices=None")
     own = {'need_maps': method.uses_features} if method.model is None else {} # logits only: any classifier will do
     model = (method.model or PeerModel)(nets, feature_layers=feature_layers, names=names, **own, **({'devices': devices} if devices is not None else {}))
+    x = dls.valid.one_batch()[0][:2] if len(dls.valid) else dls.train.one_batch()[0][:2] # after the networks' initialisation
     model.to(x.device).setup(x)
     want = n_out or model.n_outputs[0]
     for k, size in enumerate(model.n_outputs):

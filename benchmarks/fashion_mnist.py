@@ -7,7 +7,7 @@ chosen on that split, never on the test set. Rows are appended to `--out` as run
 run again, so an interrupted sweep continues where it stopped.
 
     python benchmarks/fashion_mnist.py --n-per-class 100 --nets resnet20,wrn16_2 --methods vanilla,dml,kd,afd \\
-        --epochs 40 --seeds 0,1,2,3,4
+        --epochs 60 --seeds 0,1,2,3,4
     python benchmarks/fashion_mnist.py --n-per-class 100 --methods afd --paper --tag paper ...   # AFD, the paper's settings
     python benchmarks/fashion_mnist.py --holdout 200 --methods vanilla --epochs 15,30,60 ...    # where vanilla flattens
     python benchmarks/fashion_mnist.py --summary benchmarks/results/fashion_mnist.csv          # the tables
@@ -43,7 +43,7 @@ def one_run(n_per_class, nets, method, epochs, seed, bs=64, lr=0.05, holdout=Non
 def main(n_per_class:int=100, # training images per class (0: all 6,000)
          nets:str='resnet20,wrn16_2', # zoo networks, comma-separated
          methods:str='vanilla,dml,kd,afd', # methods, comma-separated
-         epochs:str='40', # lengths of fit_one_cycle, comma-separated
+         epochs:str='60', # lengths of fit_one_cycle, comma-separated
          seeds:str='0,1,2,3,4', # seeds, comma-separated
          bs:int=64, # batch size
          lr:float=0.05, # fit_one_cycle's maximum lr
