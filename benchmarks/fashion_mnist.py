@@ -6,9 +6,9 @@ images), or, with `--holdout N`, N other *training* images per class: settings (
 chosen on that split, never on the test set. Rows are appended to `--out` as runs finish; a row already there is not
 run again, so an interrupted sweep continues where it stopped.
 
-    python benchmarks/fashion_mnist.py --n-per-class 100 --nets resnet20,wrn16_2 --methods vanilla,dml,kd,afd \\
+    python benchmarks/fashion_mnist.py --n_per_class 100 --nets resnet20,wrn16_2 --methods vanilla,dml,kd,afd \\
         --epochs 60 --seeds 0,1,2,3,4
-    python benchmarks/fashion_mnist.py --n-per-class 100 --methods afd --paper --tag paper ...   # AFD, the paper's settings
+    python benchmarks/fashion_mnist.py --n_per_class 100 --methods afd --paper --tag paper ...   # AFD, the paper's settings
     python benchmarks/fashion_mnist.py --holdout 200 --methods vanilla --epochs 15,30,60 ...    # where vanilla flattens
     python benchmarks/fashion_mnist.py --summary benchmarks/results/fashion_mnist.csv          # the tables
 
