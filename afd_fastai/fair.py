@@ -88,13 +88,13 @@ class GradReverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad): return -ctx.scale * grad, None
 
-def grad_reverse(x, scale:float=2.):
+def grad_reverse(x, scale:float=1.):
     "`x`, with its gradient reversed and scaled by `scale` on the way back"
     return GradReverse.apply(x, scale)
 
 class GroupAdversaries(nn.Module):
     "AD's adversaries: per class, an MLP guessing the sensitive group from the (reversed) logits of that class's samples"
-    def __init__(self, n_classes:int, n_groups:int, hidden:int=32, reverse:float=2.):
+    def __init__(self, n_classes:int, n_groups:int, hidden:int=32, reverse:float=1.):
         super().__init__()
         if not n_groups or n_groups < 2: raise ValueError(f"AD's adversaries guess a sensitive group: the data needs at least 2 groups, got {n_groups}")
         self.reverse = reverse

@@ -84,7 +84,7 @@ def plain_loss(method, student, teacher, x, y, g, T=1., adv=None, lam_ad=1e-3):
         return ce + 30 * nst(feats['sb'], feats['tb'].detach()), None
     if method == 'ad':
         per_class = lambda logits: sum(F.cross_entropy(adv[c](logits[y == c]), g[y == c]) for c in y.unique().tolist())
-        return ce - 2 * lam_ad * per_class(z), per_class(z.detach()) # reversal of scale 2 into the student
+        return ce - lam_ad * per_class(z), per_class(z.detach()) # the student receives −λ·∇Σ_c CE_c (the authors' code)
     raise ValueError(method)
 
 
