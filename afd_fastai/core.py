@@ -187,11 +187,9 @@ class PeerModel(nn.Module):
     def _hook_feature_layers(self):
         "A forward hook on each network's feature layer, registered once (and again when `feature_layers` change)"
         if getattr(self, '_hooked', None) == self.feature_layers: return
-        for m in self.models.modules(): # the hooks of the layers named before
-            for key, hook in list(m._forward_hooks.items()):
-                if isinstance(hook, _KeepMap) and hook.peer in (self, None): del m._forward_hooks[key] # None: from a copy
-        for k, layer in enumerate(self.feature_layers):
-            if layer is not None: self._feature_module(k).register_forward_hook(_KeepMap(self, k))
+        for handle in getattr(self, '_hook_handles', []): handle.remove() # the layers named before, or a copy's dead hooks
+        self._hook_handles = [self._feature_module(k).register_forward_hook(_KeepMap(self, k))
+                              for k, layer in enumerate(self.feature_layers) if layer is not None]
         self._hooked = list(self.feature_layers)
 
     def forward(self, x):
