@@ -6,6 +6,8 @@
 __all__ = ['CyclicPeerCallback']
 
 # %% ../nbs/06_cyclic.ipynb #d12b5b86
+from functools import partial
+from fastai.callback.core import _events
 from .methods import paper
 from .distill import DistillCallback
 from .adversarial import AdversarialFeatureCallback
@@ -18,9 +20,18 @@ class CyclicPeerCallback(DistillCallback, AdversarialFeatureCallback):
                  **kwargs): # passed to `AdversarialFeatureCallback` (lr, wd, milestones, ...)
         AdversarialFeatureCallback.__init__(self, topology='cyclic', **kwargs)
         DistillCallback.__init__(self, T=T, weight=kd_weight, topology='cyclic')
-    def before_fit(self): DistillCallback.before_fit(self); AdversarialFeatureCallback.before_fit(self)
-    def before_train(self): DistillCallback.before_train(self); AdversarialFeatureCallback.before_train(self)
-    def after_loss(self): DistillCallback.after_loss(self); AdversarialFeatureCallback.after_loss(self)
     def columns(self):
         "The columns of both terms: `distill_loss`, `d_loss` and `g_loss`"
         return DistillCallback.columns(self) + AdversarialFeatureCallback.columns(self)
+
+# %% ../nbs/06_cyclic.ipynb #612364ae
+_parts = (DistillCallback, AdversarialFeatureCallback)
+def _run_both(event):
+    "An event method that runs `event` of each part that has it, looked up when called"
+    def _event(self):
+        for part in _parts:
+            if hasattr(part, event): getattr(part, event)(self)
+    _event.__name__ = event
+    return _event
+
+for _e in _events: setattr(CyclicPeerCallback, _e, _run_both(_e))
