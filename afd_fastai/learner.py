@@ -34,7 +34,7 @@ import torchvision
 from .models import zoo_model, model_zoo
 from .core import PeerModel, peer_splitter, model_name, peer_model
 from .losses import PeerLoss, ensemble_probs, at_least_fp32
-from .methods import paper, paper_sgd, DistillMethod, distill_methods, register_method, settings_for, defaults
+from .methods import paper, paper_sgd, DistillMethod, distill_methods, register_method, settings_for, library_settings
 from .optim import ForeachAdam
 from .schedule import fit_multistep, MultiStepSchedule
 from .distill import DistillCallback

@@ -95,8 +95,8 @@ class Double(Callback):
     def after_loss(self): self.learn.loss = self.learn.loss.float()
 
 
-library_default = dict(lam=defaults.adv_weight, betas=defaults.adv_betas, decoupled=defaults.adv_decouple_wd,
-                       joint=defaults.disc_joint)
+library_default = dict(lam=library_settings.adv_weight, betas=library_settings.adv_betas, decoupled=library_settings.adv_decouple_wd,
+                       joint=library_settings.disc_joint)
 
 @pytest.mark.parametrize('paper', [True, False]) # the paper's algorithm, and the library's default AFD
 @pytest.mark.parametrize('models,edges', [
