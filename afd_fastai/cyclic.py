@@ -24,7 +24,7 @@ class CyclicPeerCallback(DistillCallback, AdversarialFeatureCallback):
         "The columns of both terms: `distill_loss`, `d_loss` and `g_loss`"
         return DistillCallback.columns(self) + AdversarialFeatureCallback.columns(self)
 
-# %% ../nbs/06_cyclic.ipynb #612364ae
+# %% ../nbs/06_cyclic.ipynb #e9171c9b
 _parts = (DistillCallback, AdversarialFeatureCallback)
 def _run_both(event):
     "An event method that runs `event` of each part that has it, looked up when called"
