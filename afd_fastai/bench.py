@@ -138,11 +138,13 @@ class PlainLoop:
 
 # %% ../nbs/21_bench.ipynb #b8c49875
 def bench_learner(dls, models, method:str, paper:bool=False, **kwargs):
-    "`afd_learner` with constant settings (no distillation warm-up, no milestones for a second optimiser)"
-    if distill_methods[method].offline:
+    "`afd_learner` with constant settings (no distillation warm-up, no milestones for a second optimiser), where the method has them"
+    declared = distill_methods[method]
+    constant = declared.applicable(distill_warmup=0., adv_milestones=())
+    if declared.offline:
         nets = [resolve_model(m, dls.c) for m in models]
-        learn = afd_learner(dls, nets[1:], method=method, teacher=nets[0], paper=paper, distill_warmup=0., adv_milestones=(), **kwargs)
-    else: learn = afd_learner(dls, models, method=method, paper=paper, distill_warmup=0., adv_milestones=(), **kwargs)
+        learn = afd_learner(dls, nets[1:], method=method, teacher=nets[0], paper=paper, **constant, **kwargs)
+    else: learn = afd_learner(dls, models, method=method, paper=paper, **constant, **kwargs)
     return learn.remove_cb(CheckData) # timed on random images, which may leave classes out
 
 # %% ../nbs/21_bench.ipynb #7b0b7145

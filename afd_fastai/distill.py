@@ -12,7 +12,7 @@ from fastai.learner import ValueMetric
 from fastcore.basics import store_attr
 from .losses import distill_loss
 from .topology import as_topology
-from .methods import paper
+from .methods import paper, temperature, kd_weight
 from .core import peer_model
 from .distributed import all_reduce_mean
 from fastai.torch_core import num_distrib
@@ -20,7 +20,8 @@ from fastai.torch_core import num_distrib
 # %% ../nbs/04_distill.ipynb #18b6aa89
 class TermCallback(Callback):
     "Add `weight` × `term()` to the training loss (order 0, before `GradientAccumulation` and `MixedPrecision`)"
-    order,run_valid,column,weight_setting = 0,False,'term','kd_weight' # weight_setting: afd_learner's setting for `weight`
+    order,run_valid,column = 0,False,'term'
+    settings = {} # {constructor parameter: `Setting`}: the settings afd_learner gives it (`build_part`)
     total,count,warmup = 0.,0,0. # warmup: the fraction of training over which the weight ramps up from 0
     off_in_lr_find = True # lr_find measures the networks' cross-entropy alone (`AFDLearner.lr_find`)
     def __init__(self, weight:float=1.): self.weight = weight
@@ -49,7 +50,7 @@ class TermCallback(Callback):
 # %% ../nbs/04_distill.ipynb #761a3b7f
 class DistillCallback(TermCallback):
     "Add `weight`·T²·KL between networks (who learns from whom: `topology`) to the training loss"
-    column = 'distill_loss'
+    column,settings,context = 'distill_loss',dict(T=temperature, weight=kd_weight),('topology',)
     def __init__(self, T:float=paper.T, # softmax temperature
                  weight:float=paper.kd_weight, # weight of the distillation term
                  topology='mutual'): # a `Topology`, or 'mutual' / 'cyclic'

@@ -26,7 +26,7 @@ from .models import cifar10s_net
 from .optim import ForeachAdam
 from fastai.callback.tracker import ReduceLROnPlateau, TrackerCallback
 from functools import partial
-from .methods import paper_sgd, regimes, distill_methods, settings_for
+from .methods import paper_sgd, regimes, distill_methods
 from .methods import paper as paper_values
 from .schedule import fit_multistep
 from .learner import afd_learner, CheckpointCallback, resolve_model
@@ -171,6 +171,10 @@ def train_teacher(arch, dls, epochs, lr, schedule, milestones=(0.5, 0.75), seed=
         if not rank_distrib(): torch.save(model, Path(out)/'models'/f'teacher_{getattr(model, "arch", None) or type(model).__name__.lower()}_seed{seed}.pth')
     return model
 
+def _adv_lr(method, adv_lr):
+    "`adv_lr` as a setting, for the methods that have one (a run's other methods have no second optimiser)"
+    return distill_methods[method].applicable(adv_lr=adv_lr)
+
 def train_one(models, method, data='digits', data_path=None, epochs=None, bs=None, lr=None, seed=0,
               schedule=None, progress=True, out=None, adv_lr=None, teacher=None, preset=None, cbs=(), paper=False,
               valid_every:int=None, # validate every this many epochs and after the last (default: the regime's; 1 = every epoch)
@@ -183,7 +187,7 @@ def train_one(models, method, data='digits', data_path=None, epochs=None, bs=Non
     models = [_sized(m, data, data_kwargs.get('size')) for m in models]
     make = lambda: make_dls(data, data_path, bs=bs, seed=seed, **data_kwargs)
     opt_func, wd = _optimiser(data)
-    kwargs = dict(paper=paper, adv_lr=adv_lr, opt_func=opt_func, wd=wd, **(getattr(preset, 'settings', None) or {}))
+    kwargs = dict(paper=paper, opt_func=opt_func, wd=wd, **_adv_lr(method, adv_lr), **(getattr(preset, 'settings', None) or {}))
     if distill_methods[method].offline:
         trained = sorted((Path(out)/'models').glob(f'teacher_*_seed{seed}.pth')) if resume and out is not None else []
         if teacher is None and trained: teacher = trained[-1] # trained before the interruption
@@ -299,7 +303,7 @@ def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, vali
 # %% ../nbs/10a_experiment.ipynb #560aa17a
 def describe_settings(paper:bool=False, adv_lr:float=None, adversarial:bool=True):
     "The distillation settings of a run, in words"
-    s = settings_for(paper, adv_lr=adv_lr)
+    s = distill_methods['afd'].resolve(paper, adv_lr=adv_lr) # its settings include every logit method's
     text = f"{'the paper' if paper else 'library default'} settings: T = {s.T:g}, distillation warm-up {s.distill_warmup:.0%} of training"
     if not adversarial: return text
     adam = f"Adam{'W' if s.adv_decouple_wd else ''} lr {s.adv_lr:g}, betas {s.adv_betas}"
@@ -334,7 +338,7 @@ def estimate_seconds(models, methods, data='digits', data_path=None, epochs=None
     total = 0.
     for method in methods:
         nets = [_sized(m, data, data_kwargs.get('size')) for m in models]
-        kwargs = dict(paper=paper, adv_lr=adv_lr, opt_func=opt_func, wd=wd)
+        kwargs = dict(paper=paper, opt_func=opt_func, wd=wd, **_adv_lr(method, adv_lr))
         if distill_methods[method].offline: nets, kwargs['teacher'] = nets[1:] or nets, resolve_model(nets[0], dls.c)
         learn = afd_learner(dls, nets, method=method, **kwargs)
         if s.get('channels_last'): learn.to_channelslast(use_amp=False)

@@ -6,7 +6,8 @@
 __all__ = ['aligners', 'cyclic_from_three', 'adversarial_callback', 'method_callbacks', 'torchvision_models', 'timm_models',
            'known_model', 'set_input_channels', 'resolve_model', 'AFDLearner', 'peek_batch', 'check_single_label',
            'build_peer_model', 'add_method_modules', 'check_feature_maps', 'NonFiniteError', 'StopOnNonFinite',
-           'training_labels', 'CheckData', 'afd_learner', 'CheckpointCallback', 'training_state', 'load_training_state']
+           'training_labels', 'CheckData', 'split_settings', 'afd_learner', 'CheckpointCallback', 'training_state',
+           'load_training_state']
 
 # %% ../nbs/08_learner.ipynb #e2ed74da
 import inspect, os, random, math
@@ -34,7 +35,7 @@ import torchvision
 from .models import zoo_model, model_zoo
 from .core import PeerModel, peer_splitter, model_name, peer_model
 from .losses import PeerLoss, ensemble_probs, at_least_fp32
-from .methods import paper, paper_sgd, DistillMethod, distill_methods, register_method, settings_for, library_settings
+from .methods import paper, paper_sgd, DistillMethod, distill_methods, register_method, build_part, settings_table
 from .optim import ForeachAdam
 from .schedule import fit_multistep, MultiStepSchedule
 from .distill import DistillCallback
@@ -77,26 +78,25 @@ register_method('vanilla', DistillMethod("Each network alone, on the same batche
 from . import fair # after these: registers the fairness methods (mfd, hkd, fitnet, at, nst, ad, ss, ...)
 
 # %% ../nbs/08_learner.ipynb #3c52e22e
-def _build(cls, **settings):
-    "`cls` made with the settings its constructor takes (`weight`: the setting `cls.weight_setting` names)"
-    if hasattr(cls, 'weight_setting'): settings['weight'] = settings[cls.weight_setting]
-    takes = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in settings.items() if k in takes})
-
 def adversarial_callback(topology, s:dict):
-    "The `AdversarialFeatureCallback` of settings `s` (`settings_for`): its Adam, lr, schedule, generator weight"
+    "The `AdversarialFeatureCallback` of resolved settings `s`: its Adam, lr, schedule, generator weight"
     opt_func = partial(ForeachAdam, mom=s['adv_betas'][0], sqr_mom=s['adv_betas'][1], eps=paper.adv_eps, decouple_wd=s['adv_decouple_wd'])
     cb = AdversarialFeatureCallback(topology, lr=s['adv_lr'], wd=s['adv_wd'], milestones=s['adv_milestones'],
                                     opt_func=opt_func, gen_weight=None if s['adv_weight'] == 'adam' else s['adv_weight'], lr_steps=s['adv_lr_steps'])
     cb.warmup = s['distill_warmup']
     return cb
 
-def method_callbacks(method:DistillMethod, topology, align_weight:float=1., paper:bool=False, **given):
-    "The callbacks that train `method` on `topology` with the settings `settings_for(paper, **given)`"
-    s = settings_for(paper, method, **given)
-    settings = dict(s, align_weight=align_weight, topology=topology)
-    cbs = [_build(cls, **settings) for cls in method.callbacks]
-    terms = [_build(cls, **settings) for cls in method.terms if settings[cls.weight_setting]]
+def _weight_of(cls, s):
+    "The value of the weight setting `cls` declares (None: it has none)"
+    w = getattr(cls, 'settings', {}).get('weight')
+    return None if w is None else s[w.name]
+
+def method_callbacks(method:DistillMethod, topology, s:dict=None, # resolved settings (None: `method.resolve(paper, **given)`)
+                     paper:bool=False, **given):
+    "The callbacks that train `method` on `topology` with its resolved settings `s`"
+    if s is None: s = method.resolve(paper, **given)
+    cbs = [build_part(cls, s, topology=topology) for cls in method.callbacks]
+    terms = [build_part(cls, s, topology=topology) for cls in method.terms if _weight_of(cls, s) != 0]
     for term in terms: term.warmup = s.distill_warmup
     cbs += terms
     if method.adversarial: cbs.append(adversarial_callback(topology, s))
@@ -341,18 +341,19 @@ def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_
                              f"(the data's class count, or network 0's): build every network with n_out={want}")
     return model
 
-def add_method_modules(model:PeerModel, method:DistillMethod, topology, disc_head:str='pool', disc_joint:bool=False,
-                       n_groups:int=None, # the data's number of sensitive groups (methods that need groups)
-                       settings:dict=None): # the learner's settings, for `method.model_modules`
+def add_method_modules(model:PeerModel, method:DistillMethod, topology,
+                       s:dict=None, # the method's resolved settings (None: the library's defaults)
+                       n_groups:int=None): # the data's number of sensitive groups (methods that need groups)
     "The modules `method` adds to `model` on `topology`: per edge (discriminators, alignment layers, regressors), and once"
     edges = as_topology(topology, len(model.models)).edges
     if method.needs_maps: check_feature_maps(model, edges, method.name)
-    adversary = partial(FeatureAdversary, head=disc_head, joint=disc_joint)
+    if s is None: s = method.values()
+    adversary = partial(FeatureAdversary, head=s['disc_head'], joint=s['disc_joint']) if method.adversarial else None
     makers = {**method.edge_modules, **({'adversaries': adversary} if method.adversarial else {})}
     for name, make in makers.items(): model.add_edge_modules(name, edges, make)
     device = next(model.parameters()).device
     for name, make in method.model_modules.items():
-        setattr(model, name, _build(make, model=model, n_classes=model.n_outputs[0], n_groups=n_groups, **(settings or {})).to(device))
+        setattr(model, name, build_part(make, s, model=model, n_classes=model.n_outputs[0], n_groups=n_groups).to(device))
 
 def check_feature_maps(model:PeerModel, edges, what:str='this method'):
     "Raise a clear error unless every network on `edges` has a C×H×W feature map and each edge's maps can be matched"
@@ -444,6 +445,20 @@ class CheckData(Callback):
                              "(and drop_last=True, fastai's default for training)")
 
 # %% ../nbs/08_learner.ipynb #47122c31
+_learner_args = set(inspect.signature(Learner.__init__).parameters)
+
+def _all_settings():
+    "Every registered method's setting names"
+    return {k for m in distill_methods.values() for k in m.settings}
+
+def split_settings(method:DistillMethod, kwargs:dict):
+    "`kwargs` split into (the method's settings, fastai `Learner` arguments); an argument neither is is refused"
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in _learner_args}
+    unknown = [k for k in settings if k not in _all_settings()]
+    if unknown: raise TypeError(f"afd_learner got an unexpected argument {unknown[0]!r}: it is neither a fastai Learner argument nor a "
+                                f"method setting. {method.name}'s settings are {', '.join(method.settings) or 'none'} (settings_table() lists every method's)")
+    return settings, kwargs
+
 @delegates(Learner.__init__)
 def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 models:list, # networks: `nn.Module`s, zoo names ('resnet32') or constructors (offline methods: the students)
@@ -452,55 +467,28 @@ def afd_learner(dls, # fastai `DataLoaders` of (image, class) batches
                 feature_layers:list=None, # per network, the module whose output is its feature map (None: found)
                 names:list=None, # per network, its name in metric columns
                 topology=None, # who learns from whom ('mutual', 'cyclic' or a `Topology`); default: mutual (paper: the method's)
-                paper:bool=False, # the paper's settings (T, no warm-up, AFD's second Adam) instead of the library's defaults
-                T:float=None, # distillation temperature (default: 3)
-                kd_weight:float=None, # weight of the logit-level distillation term (default: 1)
-                distill_warmup:float=None, # fraction of training over which every distillation weight ramps up from 0 (default: 0.3; paper: 0)
-                adv_weight:float=None, # AFD: λ of the students' generator loss in the Learner's loss (default: 0.3; paper: 'adam', a second Adam steps them)
-                adv_lr:float=None, # AFD: the second optimiser's lr (default: 2e-4; paper: 2e-5)
-                adv_betas:tuple=None, # AFD: its Adam betas (default: (0.5, 0.999); paper: (0.9, 0.999))
-                adv_wd:float=None, # AFD: its weight decay (0.1)
-                adv_decouple_wd:bool=None, # AFD: decoupled weight decay (default: True; paper: False)
-                adv_milestones=None, # AFD: fractions of training where its lr is multiplied by 0.1 (default and paper: 0.25, 0.5)
-                adv_lr_steps:int=None, # AFD: scale adv_lr by adv_lr_steps / the fit's batches
-                disc_head:str=None, # AFD: the discriminator's last conv, 'full' (the map's size) or 'pool' (paper: 3×3, averaged)
-                disc_joint:bool=None, # AFD: real and fake maps in one BatchNorm batch (default: True; paper: False)
-                align_weight:float=1., # l1, l1_kd, l1_kd_offline: weight of the L1 feature-map term
+                paper:bool=False, # the paper's value of every setting the method has (`settings_table(method)`)
                 teacher=None, # offline methods (kd_offline, mfd, hkd, ...): the trained teacher (an `nn.Module` or a file holding one)
-                kd_anneal:bool=None, # hkd, fitnet: the KD weight decays linearly to 0 (default: True)
-                hint_weight:float=None, # fitnet: weight of the hint (½·MSE between features; default 1)
-                at_weight:float=None, # at: λ of the attention-map term (default 1)
-                nst_weight:float=None, # nst: λ of the neuron-selectivity MMD (default 30)
-                mfd_weight:float=None, # mfd: λ of the per class × group MMD (default 3)
-                mfd_sigma:float=None, # mfd: the kernel's bandwidth factor σ (default 1)
-                ad_weight:float=None, # ad: λ of the adversaries' (reversed) loss (default 1e-3)
-                ad_lr:float=None, # ad: the adversaries' Adam lr (default 3e-3)
                 loss_parts:bool=False, # also show each network's validation cross-entropy as a column
                 devices:list=None, # per network, its device (['cuda:0', 'cuda:1']); feature maps and logits move to the data's device for the losses
                 pretrained:bool=False, # networks given by torchvision or timm name: built with trained weights (downloaded)
                 opt_func=paper_sgd, lr:float=paper.lr, wd:float=paper.wd, wd_bn_bias:bool=True, metrics=None, cbs=None,
-                **kwargs):
-    "An `AFDLearner` training `models` together on `dls` with distillation `method`"
+                **kwargs): # the method's settings (T=, adv_lr=, ...; `settings_table(method)`), then fastai `Learner` arguments
+    "An `AFDLearner` training `models` together on `dls` with distillation `method`, its settings given by name"
     if method not in distill_methods:
         raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(distill_methods)}")
     declared = distill_methods[method]
     if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f"lr={lr!r}: give a learning rate > 0")
-    if not align_weight >= 0: raise ValueError(f"align_weight={align_weight!r}: give a weight ≥ 0 (0 turns the term off)")
-    s = settings_for(paper, declared, T=T, kd_weight=kd_weight, distill_warmup=distill_warmup, adv_weight=adv_weight, adv_lr=adv_lr,
-                     adv_betas=adv_betas, adv_wd=adv_wd, adv_decouple_wd=adv_decouple_wd, adv_milestones=adv_milestones,
-                     adv_lr_steps=adv_lr_steps, disc_head=disc_head, disc_joint=disc_joint, kd_anneal=kd_anneal,
-                     hint_weight=hint_weight, at_weight=at_weight, nst_weight=nst_weight, mfd_weight=mfd_weight,
-                     mfd_sigma=mfd_sigma, ad_weight=ad_weight, ad_lr=ad_lr)
+    given, kwargs = split_settings(declared, kwargs)
+    s = declared.resolve(paper, **given)
     groups = getattr(dls, 'groups', None)
     if declared.groups and not groups:
         raise ValueError(f"{method} needs each sample's sensitive group, but the data has none: build it with a group-aware "
                          "loader (digits_s_dls, cifar10s_dls, utkface_dls, celeba_dls; batches of (x, class, group))")
     model = build_peer_model(dls, models, declared, n_out, feature_layers, names, teacher, devices, pretrained)
-    choosable = declared.topology is not None and not declared.offline
-    topo = declared.topology_for(len(model.models), topology if topology is not None else s.topology if choosable else None)
-    add_method_modules(model, declared, topo, s.disc_head, s.disc_joint, len(groups) if groups else None, s)
-    method_cbs = method_callbacks(declared, topo, align_weight=align_weight, paper=paper,
-                                  **{k: v for k, v in s.items() if k != 'topology'})
+    topo = declared.topology_for(len(model.models), topology, paper)
+    add_method_modules(model, declared, topo, s, len(groups) if groups else None)
+    method_cbs = method_callbacks(declared, topo, s)
     if groups: method_cbs = [GroupTarget()] + method_cbs
     method_cbs = [CheckData()] + method_cbs + [StopOnNonFinite()]
     loss_func = PeerLoss(model.output_names, gated=model.gated)

@@ -22,7 +22,7 @@ def build(method, n_nets, bs, paper=False):
     "The same learner in every process: the same seed, data and initial weights"
     set_seed(0, reproducible=True)
     dls = digits_dls(size=8, n_per_class=16, bs=bs)
-    learn = afd_learner(dls, [tiny_net() for _ in range(n_nets)], method=method, paper=paper, adv_lr=1e-3)
+    learn = afd_learner(dls, [tiny_net() for _ in range(n_nets)], method=method, paper=paper, **distill_methods[method].applicable(adv_lr=1e-3))
     without_batchnorm(learn.model)
     return learn
 

@@ -95,8 +95,8 @@ class Double(Callback):
     def after_loss(self): self.learn.loss = self.learn.loss.float()
 
 
-library_default = dict(lam=library_settings.adv_weight, betas=library_settings.adv_betas, decoupled=library_settings.adv_decouple_wd,
-                       joint=library_settings.disc_joint)
+_afd = distill_methods['afd'].values() # the library's defaults
+library_default = dict(lam=_afd.adv_weight, betas=_afd.adv_betas, decoupled=_afd.adv_decouple_wd, joint=_afd.disc_joint)
 
 @pytest.mark.parametrize('paper', [True, False]) # the paper's algorithm, and the library's default AFD
 @pytest.mark.parametrize('models,edges', [
@@ -150,7 +150,8 @@ def accumulated_and_plain(method, widths, clip=None, paper=True):
     _, halves, micro = two_halves_and_whole()
     set_seed(0)
     nets = [bn_free_net(w) if isinstance(w, int) else w for w in widths] # a width, or a zoo name
-    learn = afd_learner(halves, nets, method=method, paper=paper, adv_lr=1e-3, adv_milestones=(), distill_warmup=0)
+    learn = afd_learner(halves, nets, method=method, paper=paper,
+                        **distill_methods[method].applicable(adv_lr=1e-3, adv_milestones=(), distill_warmup=0))
     nets = deepcopy(list(learn.model.models))
     advs = deepcopy(list(learn.model.adversaries)) if method == 'afd' else []
     edges = {2: [(1, 0), (0, 1)], 3: [(2, 0), (0, 1), (1, 2)]}[len(widths)] # written out: k−1 teaches k

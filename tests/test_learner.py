@@ -79,7 +79,7 @@ def moved(before, after, keep):
 @pytest.mark.parametrize('method', ['afd', 'dml'])
 def test_freeze_trains_every_head_and_batchnorm(method):
     dls = digits_dls(size=32, n_per_class=12, bs=40)
-    learn = afd_learner(dls, pretrained_style_peers(), method=method, adv_lr=1e-3)
+    learn = afd_learner(dls, pretrained_style_peers(), method=method, **distill_methods[method].applicable(adv_lr=1e-3))
     assert learn.names == ['resnet18', 'resnet'] # the fastai model is named after the architecture found in its body
     model = learn.model
     bn = {n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
