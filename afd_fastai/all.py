@@ -12,6 +12,7 @@ from .losses import *
 from .topology import *
 from .methods import *
 from .schedule import *
+from .optim import *
 from .distill import *
 from .adversarial import *
 from .cyclic import *
@@ -26,8 +27,8 @@ from .fair_data import *
 from .fair import *
 from .distributed import *
 from .experiment import run_experiment, make_dls
-from . import (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics, learner,
+from . import (models, core, losses, topology, methods, schedule, optim, distill, adversarial, cyclic, metrics, learner,
                         data, baselines, presets, interpret, groups, fair_data, fair, distributed)
-__all__ = [name for module in (models, core, losses, topology, methods, schedule, distill, adversarial, cyclic, metrics,
+__all__ = [name for module in (models, core, losses, topology, methods, schedule, optim, distill, adversarial, cyclic, metrics,
                                learner, data, baselines, presets, interpret, groups, fair_data, fair, distributed)
            for name in module.__all__] + ['run_experiment', 'make_dls']

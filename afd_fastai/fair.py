@@ -24,7 +24,8 @@ from .topology import as_topology
 from .core import peer_model
 from .methods import DistillMethod, register_method, Setting, term_weight, temperature, kd_weight, _is_number
 from .distill import TermCallback
-from .adversarial import shared_size, PeerOptimizer
+from .adversarial import shared_size
+from .optim import SecondOptimizer
 from .baselines import FrozenTeacherCallback
 from .fair_data import labelwise_dl
 
@@ -216,16 +217,16 @@ class LabelwiseSampling(Callback):
     def after_fit(self):
         if getattr(self, 'original', None) is not None: self.learn.dls.loaders[0],self.original = self.original,None
 
-class GroupAdversaryCallback(TeacherTerm):
+class GroupAdversaryCallback(TeacherTerm, SecondOptimizer):
     "AD: `weight`·Σ_c CE of the per-class adversaries (reversed into the students); the adversaries' own Adam steps after the networks'"
     column,settings = 'ad_loss',dict(weight=ad_weight, ad_lr=ad_lr)
-    def __init__(self, weight:float=1e-3, ad_lr:float=3e-3): self.weight,self.lr = weight,ad_lr
-    def make_opt(self):
-        "The adversaries' Adam (the learner's second optimiser)"
-        return ForeachAdam(params(peer_model(self.learn).group_adversaries), lr=self.lr, wd=0.)
+    def __init__(self, weight:float=1e-3, ad_lr:float=3e-3):
+        SecondOptimizer.__init__(self, lr=ad_lr, loss_scale=0) # gradients through the Learner's backward: its scaler's
+        self.weight = weight
+    def param_groups(self): return [params(peer_model(self.learn).group_adversaries)]
     def before_fit(self):
-        super().before_fit()
-        self.active,self.cancelled = not hasattr(self.learn, 'lr_finder'),False
+        TeacherTerm.before_fit(self); SecondOptimizer.before_fit(self)
+        self.cancelled = False
         if len({s for _, s in self.edges}) != 1: raise ValueError("AD trains one student against its adversaries: give one student network")
     def term(self):
         s = self.edges[0][1]
@@ -237,15 +238,13 @@ class GroupAdversaryCallback(TeacherTerm):
         grads = [p.grad for p in adv if p.grad is not None]
         if not grads: return
         finite = torch.stack([g.isfinite().all() for g in grads]).all()
-        if cancelled and finite: return # GradientAccumulation: keep accumulating until the networks step
+        if cancelled and finite: return # the networks' step was cancelled: keep accumulating until they step
         factor = self.weight * self.ramp()
         if self.active and finite and factor > 0:
-            if not isinstance(self.learn.opt, PeerOptimizer): self.learn.opt = PeerOptimizer(self.learn.opt, self.make_opt)
-            if self.learn.opt.second is None: self.learn.opt.second = self.make_opt()
             scaler = getattr(self.learn, 'scaler', None)
             factor *= scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.
             for g in grads: g.div_(factor) # the adversaries follow the gradient of Σ_c CE_c itself
-            self.learn.opt.second.step()
+            self.step_second()
         for p in adv: p.grad = None
 
 # %% ../nbs/20_fair.ipynb #5eb28e45

@@ -39,7 +39,8 @@ from .methods import paper, paper_sgd, DistillMethod, distill_methods, register_
 from .optim import ForeachAdam
 from .schedule import fit_multistep, MultiStepSchedule
 from .distill import DistillCallback
-from .adversarial import AdversarialFeatureCallback, FeatureAdversary, PeerOptimizer
+from .adversarial import AdversarialFeatureCallback, FeatureAdversary
+from .optim import PeerOptimizer, SecondOptimizer
 from .distributed import PeerDistributedTrainer
 from .topology import as_topology
 from .metrics import peer_metrics
@@ -182,7 +183,7 @@ class AFDLearner(Learner):
     def create_opt(self):
         "fastai's optimiser, holding also the second optimiser of a method that has one (AFD's discriminators, AD's adversaries)"
         super().create_opt()
-        second = [cb for cb in self.cbs if hasattr(cb, 'make_opt')]
+        second = [cb for cb in self.cbs if isinstance(cb, SecondOptimizer)]
         if len(second) > 1: raise ValueError(f"Only one callback may bring a second optimiser, got {', '.join(type(cb).__name__ for cb in second)}")
         if second: self.opt = PeerOptimizer(self.opt, second[0].make_opt)
 

@@ -225,7 +225,7 @@ def test_fp16_loss_scaling_of_the_adversarial_gradients(small_digits):
     b.adversarial_feature.loss_scale = 2.**10
     for l in (a, b): l.fit(1, 0.05, cbs=OneStep())
     for k, v in b.model.state_dict().items(): torch.testing.assert_close(v, a.model.state_dict()[k], rtol=1e-4, atol=1e-5)
-    assert b.adversarial_feature.adv_scaler.get_scale() == 2.**10 and b.adversarial_feature.skipped_steps == 0
+    assert b.adversarial_feature.second_scaler.get_scale() == 2.**10 and b.adversarial_feature.skipped_steps == 0
     c = afd_learner(dls, ['resnet20', 'resnet20'], adv_lr=1e-3, paper=True)
     c.adversarial_feature.loss_scale = float('inf') # the scaled adversarial gradients overflow
     bodies = deepcopy([m.body.state_dict() for m in c.model.models])
