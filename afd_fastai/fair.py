@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['kd_anneal', 'hint_weight', 'at_weight', 'nst_weight', 'mfd_weight', 'mfd_sigma', 'ad_weight', 'ad_lr', 'regressors',
-           'adversaries', 'fair_methods', 'tsne_settings', 'sq_dists', 'mfd_loss', 'hint_loss', 'attention_map',
-           'at_loss', 'nst_loss', 'GradReverse', 'grad_reverse', 'GroupAdversaries', 'TeacherTerm', 'HintonKDCallback',
-           'HintCallback', 'TwoStageHint', 'KDAfterHints', 'ATCallback', 'NSTCallback', 'MFDCallback', 'Regressor',
-           'LabelwiseSampling', 'GroupAdversaryCallback', 'network_features', 'tsne_embedding', 'plot_tsne']
+           'adversaries', 'hkd_defaults', 'fair_methods', 'tsne_settings', 'sq_dists', 'mfd_loss', 'hint_loss',
+           'attention_map', 'at_loss', 'nst_loss', 'GradReverse', 'grad_reverse', 'GroupAdversaries', 'TeacherTerm',
+           'HintonKDCallback', 'HintCallback', 'TwoStageHint', 'KDAfterHints', 'ATCallback', 'NSTCallback',
+           'MFDCallback', 'Regressor', 'LabelwiseSampling', 'GroupAdversaryCallback', 'network_features',
+           'tsne_embedding', 'plot_tsne']
 
 # %% ../nbs/20_fair.ipynb #996af814
 import math
@@ -110,7 +111,7 @@ class GroupAdversaries(nn.Module):
         return sum(F.cross_entropy(self.mlps[c](z[targ == c]), group[targ == c]) for c in targ.unique().tolist())
 
 # %% ../nbs/20_fair.ipynb #6ffa7c26
-kd_anneal = Setting('kd_anneal', True, "HKD and FitNet: the KD weight decays linearly to 0 over training (over its stage)",
+kd_anneal = Setting('kd_anneal', True, "HKD and FitNet: the KD weight steps down per epoch from kd_weight to kd_weight/4 over training (over its stage), as the authors' code",
                     valid=lambda v: v in (True, False), what="True or False")
 hint_weight = term_weight('hint_weight', 1., "FitNet: weight of the hint, ½·MSE between features")
 at_weight = term_weight('at_weight', 1., "AT: λ of the attention-map term")
@@ -137,14 +138,16 @@ class TeacherTerm(TermCallback):
         return mean_over_teachers(self.edges, lambda i, t, s: loss(maps[s] if regs is None else regs[i](maps[s]), maps[t]))
 
 class HintonKDCallback(TeacherTerm):
-    "HKD: `weight`·T²·KL from the teacher's softened logits, decaying linearly to 0 over training (or after `start`)"
+    "HKD: `weight`·T²·KL from the teacher's softened logits; annealed, as the authors' code: from `weight` to `weight`/4 in equal steps per epoch"
     column,start,settings = 'kd_loss',0.,dict(T=temperature, weight=kd_weight, kd_anneal=kd_anneal)
-    def __init__(self, T:float=4., weight:float=1., kd_anneal:bool=True): store_attr('T,weight'); self.anneal = kd_anneal
+    def __init__(self, T:float=4., weight:float=4., kd_anneal:bool=True): store_attr('T,weight'); self.anneal = kd_anneal
     def ramp(self):
+        "0 before `start`; then the annealing factor of this epoch of the KD stage: 1 − ¾·e/(E−1) (1 in a one-epoch stage)"
         if self.pct_train < self.start: return 0.
-        done = (self.pct_train - self.start) / (1 - self.start)
-        return super().ramp() * ((1 - done) if self.anneal else 1.)
-    def term(self): return distill_loss(self.pred, self.edges, self.T)
+        if not self.anneal: return super().ramp()
+        first = int(round(self.start * self.n_epoch)) # the stage's first epoch
+        n, e = self.n_epoch - first, self.epoch - first
+        return super().ramp() * (1 - 0.75 * e / (n - 1) if n > 1 else 1.)
 
 class HintCallback(TeacherTerm):
     "FitNet: `weight`·½·MSE between each student's regressed feature and the teacher's; alone in the first `stage` of training"
@@ -256,24 +259,25 @@ def _offline(doc, terms=(), callbacks=(), **kwargs):
 regressors = {'regressors': Regressor}
 adversaries = {'group_adversaries': GroupAdversaries}
 register_method('scratch', _offline("The student alone (CE); the frozen teacher is only evaluated beside it"))
-register_method('hkd', _offline("Hinton KD from a frozen teacher: CE + λ·T²·KL, λ decaying linearly", HintonKDCallback, defaults=dict(T=1.)))
+hkd_defaults = dict(T=1., kd_weight=4.) # the authors' code: λ starts at 4 and anneals to 1
+register_method('hkd', _offline("Hinton KD from a frozen teacher: CE + λ·T²·KL, λ annealed from 4 to 1", HintonKDCallback, defaults=hkd_defaults))
 register_method('fitnet', _offline("FitNet: the hint (½·MSE of penultimate features) alone for half the epochs, then CE + KD",
-                                   [TwoStageHint, KDAfterHints], edge_modules=regressors, features='penultimate', defaults=dict(T=1.)))
+                                   [TwoStageHint, KDAfterHints], edge_modules=regressors, features='penultimate', defaults=hkd_defaults))
 register_method('fitnet_one_stage', _offline("FitNet in one stage: CE + KD + ½·MSE hint together", [HintCallback, HintonKDCallback],
-                                             edge_modules=regressors, features='penultimate', defaults=dict(T=1.)))
+                                             edge_modules=regressors, features='penultimate', defaults=hkd_defaults))
 register_method('at', _offline("Attention transfer: CE + λ·½·mean((a(s) − a(t))²) of the last conv maps", ATCallback, features='map'))
 register_method('nst', _offline("Neuron selectivity transfer: CE + λ·MMD² of channel patterns (kernel (a·b)²)", NSTCallback, features='map'))
 register_method('ad', _offline("Adversarial debiasing: per-class adversaries guess the group from the reversed logits",
                                GroupAdversaryCallback, model_modules=adversaries, groups=True))
 register_method('ss', _offline("Class × group-balanced sampling with CE", callbacks=[LabelwiseSampling], groups=True))
-register_method('ss_hkd', _offline("Balanced sampling and HKD", HintonKDCallback, callbacks=[LabelwiseSampling], groups=True, defaults=dict(T=3.)))
+register_method('ss_hkd', _offline("Balanced sampling and HKD", HintonKDCallback, callbacks=[LabelwiseSampling], groups=True, defaults=dict(hkd_defaults, T=3.)))
 register_method('ss_fitnet', _offline("Balanced sampling and two-stage FitNet", [TwoStageHint, KDAfterHints], callbacks=[LabelwiseSampling],
-                                      edge_modules=regressors, features='penultimate', groups=True, defaults=dict(T=3.)))
+                                      edge_modules=regressors, features='penultimate', groups=True, defaults=dict(hkd_defaults, T=3.)))
 register_method('ad_hkd', _offline("AD and HKD", [HintonKDCallback, GroupAdversaryCallback], model_modules=adversaries, groups=True,
-                                   defaults=dict(T=1., ad_weight=1e-4)))
+                                   defaults=dict(hkd_defaults, ad_weight=1e-4)))
 register_method('ad_fitnet', _offline("AD and one-stage FitNet", [HintCallback, HintonKDCallback, GroupAdversaryCallback],
                                       edge_modules=regressors, model_modules=adversaries, features='penultimate', groups=True,
-                                      defaults=dict(T=1., ad_weight=1e-3)))
+                                      defaults=dict(hkd_defaults, ad_weight=1e-3)))
 register_method('mfd', _offline("MFD: CE + λ/2·Σ_c Σ_g Gaussian MMD² to the teacher's class features, on balanced batches",
                                 MFDCallback, callbacks=[LabelwiseSampling], edge_modules=regressors, features='penultimate', groups=True));
 fair_methods = ('scratch', 'hkd', 'fitnet', 'fitnet_one_stage', 'at', 'nst', 'ad', 'ss', 'ss_hkd', 'ss_fitnet', 'ad_hkd', 'ad_fitnet', 'mfd')

@@ -306,6 +306,16 @@ def _check_distinct(nets, offline:bool):
         raise ValueError(f"Networks {j} and {k} are the same module: each network needs its own weights. Pass separate instances "
                          "(e.g. [resnet20(), resnet20()], or copy.deepcopy(net) for a copy of a trained one)")
 
+def _check_channels(nets, n_in:int, offline:bool):
+    "Raise a clear error where a network's first convolution takes another channel count than the data's images have"
+    for k, net in enumerate(nets):
+        conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None or conv.in_channels == n_in: continue
+        who = "The teacher" if offline and k == 0 else f"Network {k} ({model_name(net)})"
+        fix = ("train the teacher on this data (gray and colour renderings are 3-channel images; afd_train trains one first)"
+               if offline and k == 0 else f"build it for {n_in}-channel images (a zoo name or constructor gets the data's channels)")
+        raise ValueError(f"{who} takes {conv.in_channels}-channel images but the data has {n_in} channels: {fix}")
+
 def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_layers=None, names=None, teacher=None, devices=None,
                      pretrained:bool=False):
     "The method's model of `models` (a frozen `teacher` first for offline methods), set up by one probe forward on `dls`"
@@ -325,6 +335,7 @@ def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_
         offline = ', '.join(k for k, m in distill_methods.items() if m.offline)
         raise ValueError(f"teacher= is for the offline methods ({offline}); {method.name} trains every network")
     _check_distinct(nets, method.offline)
+    if n_in: _check_channels(nets, n_in, method.offline)
     if feature_layers is None and method.features == 'penultimate': # a network's own penultimate layer, where it names one
         feature_layers = [getattr(m, 'penultimate', None) for m in nets]
     if devices is not None and method.model is not None:

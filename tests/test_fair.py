@@ -71,9 +71,9 @@ def plain_loss(method, student, teacher, x, y, g, T=1., adv=None, lam_ad=1e-3):
     finally:
         for h in hooks: h.remove()
     ce = F.cross_entropy(z, y)
-    if method == 'hkd': return ce + kl(z, zt, T), None
+    if method == 'hkd': return ce + 4 * kl(z, zt, T), None # λ_h starts at 4 (the authors')
     if method == 'fitnet': return F.mse_loss(feats['s'], feats['t']) / 2, None # the hint stage: the hint alone
-    if method == 'fitnet_one_stage': return ce + kl(z, zt, T) + F.mse_loss(feats['s'], feats['t']) / 2, None
+    if method == 'fitnet_one_stage': return ce + 4 * kl(z, zt, T) + F.mse_loss(feats['s'], feats['t']) / 2, None
     if method == 'mfd': return ce + 3 * mmd_by_cells(feats['t'], feats['s'], y, g), None
     if method in ('at', 'nst'):
         hooks = [m.body.register_forward_hook(lambda mod, i, o, key=key: feats.__setitem__(key, o)) for key, m in (('sb', student), ('tb', teacher))]
