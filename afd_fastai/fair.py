@@ -148,6 +148,7 @@ class HintonKDCallback(TeacherTerm):
         first = int(round(self.start * self.n_epoch)) # the stage's first epoch
         n, e = self.n_epoch - first, self.epoch - first
         return super().ramp() * (1 - 0.75 * e / (n - 1) if n > 1 else 1.)
+    def term(self): return distill_loss(self.pred, self.edges, self.T)
 
 class HintCallback(TeacherTerm):
     "FitNet: `weight`·½·MSE between each student's regressed feature and the teacher's; alone in the first `stage` of training"
