@@ -13,11 +13,10 @@ from pathlib import Path
 from fastcore.script import call_parse, anno_parser
 from fastcore.basics import listify
 from .models import model_zoo
-from .data import find_cifar_folder, check_image_folder, find_fashion_mnist
 from .methods import distill_methods
 from .learner import known_model
 from .presets import presets, list_presets as preset_table
-from .experiment import demo_methods, data_sets, regime_of, run_experiment, markdown_table, fair_data_sets, fair_demo_methods
+from .experiment import demo_methods, data_set, regime_of, run_experiment, markdown_table, fair_data_sets, fair_demo_methods
 
 # %% ../nbs/10_cli.ipynb #adfb52e8
 def check_options(models, methods, data, data_path, epochs, bs, lr, schedule, seeds, adv_lr=None, teacher=None):
@@ -42,14 +41,7 @@ def check_options(models, methods, data, data_path, epochs, bs, lr, schedule, se
             raise ValueError(f"--teacher is for the offline methods ({', '.join(m for m, d in distill_methods.items() if d.offline)})")
         if not Path(teacher).is_file(): raise ValueError(f"--teacher {teacher}: no such file")
     if adv_lr is not None and not adv_lr > 0: raise ValueError(f"--adv-lr must be positive, got {adv_lr}")
-    if data not in data_sets: raise ValueError(f"unknown data set {data!r}: choose {', '.join(data_sets)}")
-    if data not in ('digits', 'digits_s', 'fashion_mnist') and not data_path: raise ValueError(f"--data {data} needs --data-path")
-    if data == 'fashion_mnist': find_fashion_mnist(data_path) # where it is installed, without --data-path
-    elif data == 'imagenet': check_image_folder(data_path)
-    elif data in ('utkface', 'celeba'):
-        if not Path(data_path).is_dir(): raise ValueError(f"--data-path {data_path}: no such folder")
-    elif data == 'cifar10s': find_cifar_folder(data_path, 10)
-    elif data not in ('digits', 'digits_s'): find_cifar_folder(data_path, int(data[5:]))
+    data_set(data).check_path(data_path) # a clear error where the data is not there
     groups = [m for m in methods if distill_methods[m].groups]
     if groups and data not in fair_data_sets:
         raise ValueError(f"{', '.join(groups)} need(s) a sensitive group per sample: choose --data {' or '.join(fair_data_sets)}")
@@ -67,7 +59,7 @@ def _ints(s, what):
 @call_parse
 def afd_train(models:str=None, # comma-separated networks trained together (zoo or torchvision names; offline methods: teacher first). Default resnet20,wrn16_2
               method:str=None, # a method (afd, afd_adv_only, dml, dml_alternating, kd, one, l1, l1_kd, kd_offline, l1_kd_offline, vanilla; fairness: scratch, hkd, fitnet, fitnet_one_stage, at, nst, ad, ss, ss_hkd, ss_fitnet, ad_hkd, ad_fitnet, mfd), several comma-separated, or compare (vanilla,dml,afd; on fairness data scratch,ss,mfd; the default)
-              data:str=None, # digits (default), fashion_mnist, cifar10, cifar100, imagenet; with sensitive groups: digits_s, cifar10s, utkface, celeba
+              data:str=None, # digits (default), fashion_mnist, cifar10, cifar100, imagenet; with sensitive groups: digits_s, fashion_mnist_s, cifar10s, utkface, celeba
               data_path:str=None, # folder holding the data: CIFAR python format, ImageNet's train/ and val/ class folders, Fashion-MNIST's IDX files (default: where installed)
               epochs:int=None, # epochs (default: 30 on digits, 300 on CIFAR, 90 on ImageNet)
               bs:int=None, # batch size (default: 32 on digits, 128 on CIFAR, 256 on ImageNet)
@@ -77,10 +69,10 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
               valid_every:int=None, # validate every this many epochs and after the last (default: 5 on digits, else 1)
               channels_last:bool=False, # networks and inputs in channels-last memory format (always on digits)
               out:str='afd_results', # output folder for results.csv, results.md and each run's checkpoint in models/
-              size:int=None, # digits: image size (default 16); ImageNet: crop size (default 224)
-              n_per_class:int=None, # digits, fashion_mnist: training images per class (default 20, 100; 0 for all)
+              size:int=None, # image size: digits, digits_s 16; fashion_mnist(_s) 32; ImageNet crop 224; UTKFace, CelebA 176
+              n_per_class:int=None, # digits, fashion_mnist, fashion_mnist_s: training images per class (default 20, 100, 500; 0 for all)
               label_noise:float=None, # digits: fraction of wrong training labels (default 0.4)
-              skew:float=None, # digits_s, cifar10s: share of each class in its majority group (default 0.9, 0.8)
+              skew:float=None, # digits_s, fashion_mnist_s, cifar10s: share of each class in its majority group (default 0.9, 0.9, 0.8)
               adv_lr:float=None, # AFD: the second (adversarial) optimiser's learning rate (default 2e-4; the paper's 2e-5)
               paper:bool=False, # the paper's method settings (no warm-up, AFD's second Adam on the extractors); presets imply it
               teacher:str=None, # offline methods: file of a trained teacher (torch.save(model) or learn.export()); default: train one first
@@ -95,20 +87,16 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         p, models, method, data, schedule_given = _with_preset(preset, models, method, data, epochs=epochs, bs=bs, lr=lr,
                                                                schedule=schedule)
         fair = data in fair_data_sets
-        default_models = ('cifar10s_net,cifar10s_net' if data in ('digits_s', 'cifar10s') else 'resnet18,resnet18' if fair
-                          else 'resnet20,wrn16_2')
-        model_names = [m.strip() for m in (models or default_models).split(',') if m.strip()]
+        model_names = [m.strip() for m in (models or data_set(data).models).split(',') if m.strip()]
         seeds = _ints(seed, '--seed') if seed is not None else list(regime_of(data)['seeds'])
         method = method or 'compare'
         compare = fair_demo_methods if fair else demo_methods
         methods = list(compare) if method == 'compare' else [m.strip() for m in method.split(',') if m.strip()]
         check_options(model_names, methods, data, data_path, seeds=seeds, adv_lr=adv_lr, teacher=teacher, **schedule_given)
         if valid_every is not None and valid_every < 1: raise ValueError(f"--valid-every must be at least 1, got {valid_every}")
-        data_kwargs = (dict(size=size, n_per_class=n_per_class, label_noise=label_noise) if data == 'digits'
-                       else dict(size=size, n_per_class=n_per_class) if data == 'fashion_mnist'
-                       else dict(size=size, n_per_class=n_per_class, skew=skew) if data == 'digits_s'
-                       else dict(skew=skew) if data == 'cifar10s'
-                       else dict(size=size) if data in ('imagenet', 'utkface', 'celeba') else {})
+        data_kwargs = {k: v for k, v in dict(size=size, n_per_class=n_per_class, label_noise=label_noise, skew=skew).items()
+                       if v is not None}
+        data_set(data).check_options(**data_kwargs) # an option this data set does not take is refused
         if out is not None and resume is not True and not rank_distrib(): # what --resume reads
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out)/'afd_train.json').write_text(json.dumps({k: v for k, v in given.items() if k != 'resume'}, indent=1))

@@ -98,7 +98,7 @@ def test_imagenet_preset_on_an_image_folder(tmp_path):
     assert (row['paper_acc_resnet18'], row['paper_acc_resnet34'], row['paper_acc_ens']) == (70.43, 74.00, 74.53)
     md = (tmp_path/'res'/'results.md').read_text()
     assert 'Preset t6-resnet18-resnet34-afd' in md and '| acc_resnet18 | 70.43 |' in md
-    assert 'imagenet; networks resnet18 + resnet34; methods afd; 1 epochs multistep' in md
+    assert 'ImageNet folders, 32×32 crops; networks resnet18 + resnet34; methods afd; 1 epochs multistep' in md
 
 
 def test_offline_method_trains_its_teacher_first_and_reuses_it(tmp_path):
