@@ -29,6 +29,10 @@ def afd_train(*args, cwd):
     (['--method', 'kd_offline', '--models', 'resnet20'], "teacher's network then the student's"),
     (['--data', 'imagenet', '--data-path', '.', '--models', 'resnet18,resnet34'], 'train/ and val/'),
     (['--data', 'fashion_mnist', '--data-path', 'nowhere'], 'Fashion-MNIST was not found in nowhere'),
+    (['--data', 'fashion_mnist_s', '--data-path', 'nowhere'], 'Fashion-MNIST was not found in nowhere'),
+    (['--data', 'mnist'], "Unknown data set 'mnist': choose digits, fashion_mnist"),
+    (['--skew', '0.5'], '--skew: not an option of --data digits (its options: size, n_per_class, label_noise)'),
+    (['--data', 'fashion_mnist', '--label-noise', '0.2'], '--label-noise: not an option of --data fashion_mnist'),
 ])
 def test_bad_options_fail_clearly(tmp_path, monkeypatch, capsys, args, message):
     "In-process through the console entry point (the same parser and checks, without a new interpreter per case)"
