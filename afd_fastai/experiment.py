@@ -40,7 +40,7 @@ demo_methods = ('vanilla', 'dml', 'afd') # what `afd_train` compares by default
 fair_demo_methods = ('scratch', 'ss', 'mfd') # what `afd_train` compares by default on fairness data
 
 
-# %% ../nbs/10a_experiment.ipynb #d7441512
+# %% ../nbs/10a_experiment.ipynb #2dafbac9
 class DataSet:
     "A data set the run tooling knows: its loader and the options it takes, its default regime and networks, its files' check"
     def __init__(self, name:str, # its `--data` name
@@ -78,7 +78,7 @@ class DataSet:
         return self.load(data_path, seed=seed, bs=s['bs'], **{k: s.get(k) for k in self.options})
 
 
-# %% ../nbs/10a_experiment.ipynb #611a38bb
+# %% ../nbs/10a_experiment.ipynb #6a3f80b9
 def _all(n): return n or None # `n_per_class` 0: every training image
 
 def _digits_words(s):

@@ -22,7 +22,7 @@ from fastai.torch_core import params
 from .losses import at_least_fp32, distill_loss, mean_over_teachers
 from .topology import as_topology
 from .core import peer_model
-from .methods import DistillMethod, register_method, Setting, term_weight, temperature, kd_weight, _is_number
+from .methods import DistillMethod, Setting, term_weight, temperature, kd_weight, _is_number
 from .distill import TermCallback
 from .adversarial import shared_size
 from .optim import SecondOptimizer
@@ -258,29 +258,30 @@ def _offline(doc, terms=(), callbacks=(), **kwargs):
 
 regressors = {'regressors': Regressor}
 adversaries = {'group_adversaries': GroupAdversaries}
-register_method('scratch', _offline("The student alone (CE); the frozen teacher is only evaluated beside it"))
 _hkd_defaults = dict(T=1., kd_weight=4.) # the authors' code: λ starts at 4 and anneals to 1
-register_method('hkd', _offline("Hinton KD from a frozen teacher: CE + λ·T²·KL, λ annealed from 4 to 1", HintonKDCallback, defaults=_hkd_defaults))
-register_method('fitnet', _offline("FitNet: the hint (½·MSE of penultimate features) alone for half the epochs, then CE + KD",
-                                   [TwoStageHint, KDAfterHints], edge_modules=regressors, features='penultimate', defaults=_hkd_defaults))
-register_method('fitnet_one_stage', _offline("FitNet in one stage: CE + KD + ½·MSE hint together", [HintCallback, HintonKDCallback],
-                                             edge_modules=regressors, features='penultimate', defaults=_hkd_defaults))
-register_method('at', _offline("Attention transfer: CE + λ·½·mean((a(s) − a(t))²) of the last conv maps", ATCallback, features='map'))
-register_method('nst', _offline("Neuron selectivity transfer: CE + λ·MMD² of channel patterns (kernel (a·b)²)", NSTCallback, features='map'))
-register_method('ad', _offline("Adversarial debiasing: per-class adversaries guess the group from the reversed logits",
-                               GroupAdversaryCallback, model_modules=adversaries, groups=True))
-register_method('ss', _offline("Class × group-balanced sampling with CE", callbacks=[LabelwiseSampling], groups=True))
-register_method('ss_hkd', _offline("Balanced sampling and HKD", HintonKDCallback, callbacks=[LabelwiseSampling], groups=True, defaults=dict(_hkd_defaults, T=3.)))
-register_method('ss_fitnet', _offline("Balanced sampling and two-stage FitNet", [TwoStageHint, KDAfterHints], callbacks=[LabelwiseSampling],
-                                      edge_modules=regressors, features='penultimate', groups=True, defaults=dict(_hkd_defaults, T=3.)))
-register_method('ad_hkd', _offline("AD and HKD", [HintonKDCallback, GroupAdversaryCallback], model_modules=adversaries, groups=True,
-                                   defaults=dict(_hkd_defaults, ad_weight=1e-4)))
-register_method('ad_fitnet', _offline("AD and one-stage FitNet", [HintCallback, HintonKDCallback, GroupAdversaryCallback],
-                                      edge_modules=regressors, model_modules=adversaries, features='penultimate', groups=True,
-                                      defaults=dict(_hkd_defaults, ad_weight=1e-3)))
-register_method('mfd', _offline("MFD: CE + λ/2·Σ_c Σ_g Gaussian MMD² to the teacher's class features, on balanced batches",
-                                MFDCallback, callbacks=[LabelwiseSampling], edge_modules=regressors, features='penultimate', groups=True));
-fair_methods = ('scratch', 'hkd', 'fitnet', 'fitnet_one_stage', 'at', 'nst', 'ad', 'ss', 'ss_hkd', 'ss_fitnet', 'ad_hkd', 'ad_fitnet', 'mfd')
+fair_methods = dict( # `distill_methods` reads them on first use
+    scratch=_offline("The student alone (CE); the frozen teacher is only evaluated beside it"),
+    hkd=_offline("Hinton KD from a frozen teacher: CE + λ·T²·KL, λ annealed from 4 to 1", HintonKDCallback, defaults=_hkd_defaults),
+    fitnet=_offline("FitNet: the hint (½·MSE of penultimate features) alone for half the epochs, then CE + KD",
+                    [TwoStageHint, KDAfterHints], edge_modules=regressors, features='penultimate', defaults=_hkd_defaults),
+    fitnet_one_stage=_offline("FitNet in one stage: CE + KD + ½·MSE hint together", [HintCallback, HintonKDCallback],
+                              edge_modules=regressors, features='penultimate', defaults=_hkd_defaults),
+    at=_offline("Attention transfer: CE + λ·½·mean((a(s) − a(t))²) of the last conv maps", ATCallback, features='map'),
+    nst=_offline("Neuron selectivity transfer: CE + λ·MMD² of channel patterns (kernel (a·b)²)", NSTCallback, features='map'),
+    ad=_offline("Adversarial debiasing: per-class adversaries guess the group from the reversed logits",
+                GroupAdversaryCallback, model_modules=adversaries, groups=True),
+    ss=_offline("Class × group-balanced sampling with CE", callbacks=[LabelwiseSampling], groups=True),
+    ss_hkd=_offline("Balanced sampling and HKD", HintonKDCallback, callbacks=[LabelwiseSampling], groups=True,
+                    defaults=dict(_hkd_defaults, T=3.)),
+    ss_fitnet=_offline("Balanced sampling and two-stage FitNet", [TwoStageHint, KDAfterHints], callbacks=[LabelwiseSampling],
+                       edge_modules=regressors, features='penultimate', groups=True, defaults=dict(_hkd_defaults, T=3.)),
+    ad_hkd=_offline("AD and HKD", [HintonKDCallback, GroupAdversaryCallback], model_modules=adversaries, groups=True,
+                    defaults=dict(_hkd_defaults, ad_weight=1e-4)),
+    ad_fitnet=_offline("AD and one-stage FitNet", [HintCallback, HintonKDCallback, GroupAdversaryCallback],
+                       edge_modules=regressors, model_modules=adversaries, features='penultimate', groups=True,
+                       defaults=dict(_hkd_defaults, ad_weight=1e-3)),
+    mfd=_offline("MFD: CE + λ/2·Σ_c Σ_g Gaussian MMD² to the teacher's class features, on balanced batches",
+                 MFDCallback, callbacks=[LabelwiseSampling], edge_modules=regressors, features='penultimate', groups=True))
 
 # %% ../nbs/20_fair.ipynb #f30cae88
 tsne_settings = dict(n_components=3, perplexity=200., early_exaggeration=1.0, max_iter=250, metric='cosine', random_state=5)

@@ -4,10 +4,12 @@
 
 # %% auto #0
 __all__ = ['paper', 'paper_sgd', 'adv_adam', 'regimes', 'temperature', 'kd_weight', 'distill_warmup', 'adversarial_settings',
-           'distill_methods', 'Setting', 'term_weight', 'DistillMethod', 'register_method', 'build_part',
+           'distill_methods', 'Setting', 'term_weight', 'Registry', 'DistillMethod', 'register_method', 'build_part',
            'settings_table']
 
 # %% ../nbs/03a_methods.ipynb #1bb649b1
+import importlib
+from collections.abc import Mapping
 from functools import partial
 from fastcore.basics import AttrDict, store_attr, listify
 from .optim import ForeachSGD, ForeachAdam
@@ -87,6 +89,49 @@ adversarial_settings = (
             "positions ('pool')", paper='pool', valid=lambda v: v in ('full', 'pool'), what="'full' or 'pool'"),
     Setting('disc_joint', True, "real and fake maps judged in one BatchNorm batch", paper=False, **_flag))
 
+# %% ../nbs/03a_methods.ipynb #e5808c1c
+class Registry(Mapping):
+    "Names → entries, gathered on first use from `sources` and from `register`: no import fills it, the order of imports does not matter"
+    def __init__(self, what:str, # what an entry is, for the messages ('method', 'preset')
+                 sources=(), # each a 'module:attribute' naming a dict of entries, or a function returning one
+                 check=None): # `check(name, entry)`, run on every entry once, before it can be looked up
+        self.what,self.sources,self.check,self.added,self._gathered,self._all = what,tuple(sources),check,{},None,None
+
+    def _entries(self):
+        if self._all is None:
+            if self._gathered is None:
+                if getattr(self, '_gathering', False): raise RuntimeError(f"A {self.what} source looked up the {self.what}s while they were gathered")
+                self._gathering = True
+                try: self._gathered = self._gather()
+                finally: self._gathering = False
+            self._all = {**self._gathered, **self.added} # a registered entry wins over a shipped one of the same name
+        return self._all
+
+    def _gather(self):
+        entries = {}
+        for source in self.sources:
+            if callable(source): entries.update(source()); continue
+            module, attr = source.split(':')
+            entries.update(getattr(importlib.import_module(module), attr))
+        for name, entry in entries.items():
+            if self.check is not None: self.check(name, entry)
+        return entries
+
+    def register(self, name:str, entry):
+        "Add (or replace) `name`, checked now"
+        if self.check is not None: self.check(name, entry)
+        self.added[name],self._all = entry,None
+        return entry
+
+    def __getitem__(self, name):
+        entries = self._entries()
+        if name not in entries: raise KeyError(f"Unknown {self.what} {name!r}: choose {', '.join(entries)}")
+        return entries[name]
+    def __iter__(self): return iter(self._entries())
+    def __len__(self): return len(self._entries())
+    def __repr__(self): return f"Registry({self.what}s: {', '.join(self._entries())})"
+
+
 # %% ../nbs/03a_methods.ipynb #8c758ccc
 class DistillMethod:
     "A distillation method: its loss terms, per-edge modules, optimisers, default topology, model and settings"
@@ -162,17 +207,20 @@ class DistillMethod:
         return self.topology(n) if callable(self.topology) else self.topology
     def __repr__(self): return f"DistillMethod({self.name}: {self.doc})"
 
-distill_methods = {}
-
-def register_method(name:str, method:DistillMethod):
-    "Make `afd_learner(..., method=name)` train with `method` (its own defaults checked against its settings)"
+def _check_method(name:str, method:DistillMethod):
+    "Name `method` and check its own defaults against its settings"
     method.name = name
     own = method.settings
     for k, v in method.defaults.items():
         if k not in own: raise ValueError(f"{name} declares a default for {k!r}, which none of its parts has: its settings are {', '.join(own) or 'none'}")
         own[k].check(v)
-    distill_methods[name] = method
-    return method
+
+distill_methods = Registry('method', check=_check_method, # the methods the package ships, read on first use
+                           sources=('afd_fastai.learner:afd_paper_methods', 'afd_fastai.fair:fair_methods'))
+
+def register_method(name:str, method:DistillMethod):
+    "Make `afd_learner(..., method=name)` train with `method` (its own defaults checked against its settings)"
+    return distill_methods.register(name, method)
 
 def build_part(cls, values:dict, # a method's resolved settings (`DistillMethod.resolve`)
                **context): # what the learner knows (topology, model, n_classes, n_groups): each part takes what its `context` names

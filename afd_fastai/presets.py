@@ -9,7 +9,7 @@ __all__ = ['cifar_schedule', 'imagenet_schedule', 'fair_table1', 'fair_tables', 
 # %% ../nbs/13_presets.ipynb #47a35574
 import pandas as pd
 from fastcore.basics import store_attr
-from .methods import regimes
+from .methods import regimes, Registry
 
 # %% ../nbs/13_presets.ipynb #69b30676
 def _schedule(data, regime): return dict(data=data, **{k: regime.get(k) for k in ('epochs', 'bs', 'lr', 'schedule', 'milestones')})
@@ -157,7 +157,7 @@ def _rows():
     _fair_tables(P)
     return {p.name: p for p in P}
 
-presets = _rows()
+presets = Registry('preset', sources=[_rows]) # built when first asked for
 
 # %% ../nbs/13_presets.ipynb #2d5c4827
 def list_presets(table:int=None):
