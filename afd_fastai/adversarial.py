@@ -19,7 +19,7 @@ from fastai.callback.core import Callback
 from .core import PeerModel, peer_model
 from .losses import adversarial_losses, at_least_fp32
 from .topology import as_topology
-from .methods import paper, adv_adam
+from .methods import afd_paper, adv_adam
 from .optim import SecondOptimizer
 from .distill import TermCallback
 from .distributed import all_reduce_mean
@@ -106,10 +106,10 @@ class AdversarialFeatureCallback(SecondOptimizer):
     warmup = 0. # the fraction of training over which `gen_weight` ramps up from 0
     ramp = TermCallback.ramp # the share of `gen_weight` in force: a linear ramp over the first `warmup` of training
     def __init__(self, topology='mutual', # who learns from whom: 'mutual', 'cyclic' or a `Topology`
-                 lr:float=paper.adv_lr, # the second optimiser's learning rate (paper: 2e-5)
-                 wd:float=paper.adv_wd, # its weight decay (paper: 1e-1, coupled)
-                 milestones=paper.adv_milestones, # fractions of training where its lr is multiplied by `gamma`
-                 gamma:float=paper.adv_gamma,
+                 lr:float=afd_paper.adv_lr, # the second optimiser's learning rate (paper: 2e-5)
+                 wd:float=afd_paper.adv_wd, # its weight decay (paper: 1e-1, coupled)
+                 milestones=afd_paper.adv_milestones, # fractions of training where its lr is multiplied by `gamma`
+                 gamma:float=afd_paper.adv_gamma,
                  opt_func=adv_adam, # a fastai optimiser function for the second optimiser
                  loss_scale:float=None, # fp16 scale of the adversarial losses: None = a GradScaler under fp16 on a GPU, 0 = off
                  gen_weight:float=None, # λ: add λ·g_loss to the Learner's loss (None: the second optimiser steps the extractors)

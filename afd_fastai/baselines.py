@@ -20,7 +20,7 @@ from .models import BodyHeadNet
 from .core import PeerModel, model_name, peer_model
 from .losses import soft_kl, distill_loss, ensemble_kd_loss, gated_kd_loss, alignment_loss
 from .topology import as_topology
-from .methods import paper, temperature, kd_weight, term_weight
+from .methods import afd_paper, temperature, kd_weight, term_weight
 from .distill import TermCallback
 from .adversarial import FeaturePair
 
@@ -28,7 +28,7 @@ from .adversarial import FeaturePair
 class EnsembleKDCallback(TermCallback):
     "Online KD: add `weight`·T²·KL from the ensemble (averaged logits, detached) to each network's loss"
     column,settings = 'distill_loss',dict(T=temperature, weight=kd_weight)
-    def __init__(self, T:float=paper.T, weight:float=paper.kd_weight): store_attr()
+    def __init__(self, T:float=afd_paper.T, weight:float=afd_paper.kd_weight): store_attr()
     def term(self): return ensemble_kd_loss(self.pred, self.T)
 
 # %% ../nbs/12_baselines.ipynb #8f597ffc
@@ -37,7 +37,7 @@ class AlternatingDMLCallback(Callback):
     run_valid,off_in_lr_find = False,True # lr_find: the networks' cross-entropy alone (`AFDLearner.lr_find`)
     order = 5 # before any callback that changes the loss
     settings,context = dict(T=temperature, weight=kd_weight),('topology',)
-    def __init__(self, T:float=paper.T, weight:float=paper.kd_weight, topology='mutual'): store_attr()
+    def __init__(self, T:float=afd_paper.T, weight:float=afd_paper.kd_weight, topology='mutual'): store_attr()
 
     def before_fit(self):
         if getattr(self.learn, 'mixed_precision', None) is not None:
@@ -189,5 +189,5 @@ class OneModel(PeerModel):
 class OneCallback(TermCallback):
     "ONE's distillation term: the gated ensemble (the model's last output, detached) teaches every branch"
     column,settings = 'distill_loss',dict(T=temperature, weight=kd_weight)
-    def __init__(self, T:float=paper.T, weight:float=paper.kd_weight): store_attr()
+    def __init__(self, T:float=afd_paper.T, weight:float=afd_paper.kd_weight): store_attr()
     def term(self): return gated_kd_loss(self.pred, self.T)

@@ -66,7 +66,7 @@ class PlainLoop:
             raise ValueError(f"PlainLoop writes out {', '.join(self.methods)}, not {learn.method}")
         model = copy.deepcopy(learn.model)
         model.feature_maps = None
-        self.method,self.s,self.precision,self.channels_last = learn.method,learn.settings,precision,channels_last
+        self.method,self.settings,self.precision,self.channels_last = learn.method,learn.settings,precision,channels_last
         self.nets,self.edges = list(model.models),[]
         self.device = next(model.parameters()).device
         if channels_last: model.to(memory_format=torch.channels_last)
@@ -79,7 +79,7 @@ class PlainLoop:
         if self.method == 'afd': self._setup_afd(model)
 
     def _setup_afd(self, model):
-        s = self.s
+        s = self.settings
         self.edges,self.advs = list(model.adversary_edges),model.adversaries
         self.maps = [None] * len(self.nets)
         def keep(k, module, inp, out): self.maps[k] = out
@@ -117,8 +117,8 @@ class PlainLoop:
         with autocast:
             logits = [net(x) for net in self.nets]
             loss = sum(F.cross_entropy(at_least_fp32(z), y) for z in logits)
-            if self.edges and self.s.kd_weight:
-                loss = loss + self.s.kd_weight * _per_student(self.edges, [_kl(logits[s], logits[t], self.s.T) for t, s in self.edges])
+            if self.edges and self.settings.kd_weight:
+                loss = loss + self.settings.kd_weight * _per_student(self.edges, [_kl(logits[s], logits[t], self.settings.T) for t, s in self.edges])
             if self.method == 'afd':
                 d_loss, g_loss = self.adversarial_losses()
                 if self.lam: loss = loss + self.lam * g_loss

@@ -8,15 +8,15 @@ __all__ = ['CyclicPeerCallback']
 # %% ../nbs/06_cyclic.ipynb #d12b5b86
 from functools import partial
 from fastai.callback.core import _events
-from .methods import paper
+from .methods import afd_paper
 from .distill import DistillCallback
 from .adversarial import AdversarialFeatureCallback
 
 # %% ../nbs/06_cyclic.ipynb #55dee605
 class CyclicPeerCallback(DistillCallback, AdversarialFeatureCallback):
     "AFD's cyclic scheme in one callback: `DistillCallback` and `AdversarialFeatureCallback` on the cyclic topology"
-    def __init__(self, T:float=paper.T, # softmax temperature of the logit-level term
-                 kd_weight:float=paper.kd_weight, # weight of the logit-level term (0: feature level only)
+    def __init__(self, T:float=afd_paper.T, # softmax temperature of the logit-level term
+                 kd_weight:float=afd_paper.kd_weight, # weight of the logit-level term (0: feature level only)
                  **kwargs): # passed to `AdversarialFeatureCallback` (lr, wd, milestones, ...)
         AdversarialFeatureCallback.__init__(self, topology='cyclic', **kwargs)
         DistillCallback.__init__(self, T=T, weight=kd_weight, topology='cyclic')

@@ -12,7 +12,7 @@ from fastai.learner import ValueMetric
 from fastcore.basics import store_attr
 from .losses import distill_loss
 from .topology import as_topology
-from .methods import paper, temperature, kd_weight
+from .methods import afd_paper, temperature, kd_weight
 from .core import peer_model
 from .distributed import all_reduce_mean
 from fastai.torch_core import num_distrib
@@ -51,8 +51,8 @@ class TermCallback(Callback):
 class DistillCallback(TermCallback):
     "Add `weight`·T²·KL between networks (who learns from whom: `topology`) to the training loss"
     column,settings,context = 'distill_loss',dict(T=temperature, weight=kd_weight),('topology',)
-    def __init__(self, T:float=paper.T, # softmax temperature
-                 weight:float=paper.kd_weight, # weight of the distillation term
+    def __init__(self, T:float=afd_paper.T, # softmax temperature
+                 weight:float=afd_paper.kd_weight, # weight of the distillation term
                  topology='mutual'): # a `Topology`, or 'mutual' / 'cyclic'
         store_attr()
     def before_fit(self): self.edges = as_topology(self.topology, len(peer_model(self.learn).models)).edges

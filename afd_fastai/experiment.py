@@ -30,7 +30,7 @@ from .optim import ForeachAdam
 from fastai.callback.tracker import ReduceLROnPlateau, TrackerCallback
 from functools import partial
 from .methods import paper_sgd, regimes, distill_methods
-from .methods import paper as paper_values
+from .methods import afd_paper
 from .schedule import fit_multistep
 from .learner import afd_learner, CheckpointCallback, resolve_model
 from .presets import preset_report
@@ -378,7 +378,7 @@ def describe_settings(paper:bool=False, adv_lr:float=None, adversarial:bool=True
     text = f"{'the paper' if paper else 'library default'} settings: T = {s.T:g}, distillation warm-up {s.distill_warmup:.0%} of training"
     if not adversarial: return text
     adam = f"Adam{'W' if s.adv_decouple_wd else ''} lr {s.adv_lr:g}, betas {s.adv_betas}"
-    if s.adv_milestones: adam += f" (× {paper_values.adv_gamma} at {', '.join(f'{m:.0%}' for m in s.adv_milestones)})"
+    if s.adv_milestones: adam += f" (× {afd_paper.adv_gamma} at {', '.join(f'{m:.0%}' for m in s.adv_milestones)})"
     if s.adv_weight == 'adam': return text + f"; AFD's second optimiser {adam} on the feature extractors and discriminators"
     return text + f"; AFD's generator loss × {s.adv_weight:g} in the networks' loss, the discriminators' {adam}"
 

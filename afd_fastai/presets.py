@@ -18,11 +18,11 @@ imagenet_schedule = _schedule('imagenet', regimes['imagenet'])
 
 class Preset:
     "One run of the paper: networks (for offline methods: teacher first), method, schedule and the reported numbers"
-    def __init__(self, name:str, table:int, models:tuple, method:str, paper:dict, approx:tuple=(), note:str='',
+    def __init__(self, name:str, table:int, models:tuple, method:str, reported:dict, approx:tuple=(), note:str='',
                  settings:dict=None, # afd_learner's method settings (the fairness paper's Table 1)
                  network:str='student', # whose columns the paper's acc / deo_a / deo_m are: 'student' or 'teacher'
                  **schedule):
-        store_attr('name,table,models,method,paper,approx,note,network')
+        store_attr('name,table,models,method,reported,approx,note,network')
         self.settings = settings or {}
         self.schedule = {**(imagenet_schedule if table == 6 else cifar_schedule), **schedule}
 
@@ -34,7 +34,7 @@ class Preset:
         cols.update(avg='acc_avg', ens='acc_ens')
         who = names[0] if self.network == 'teacher' else names[-1]
         cols.update({k: f'{k}_{who}' for k in ('acc', 'deo_a', 'deo_m')})
-        return {cols[k]: v for k, v in self.paper.items()}
+        return {cols[k]: v for k, v in self.reported.items()}
     def __repr__(self): return f"Preset({self.name}: {' + '.join(self.models)}, {self.method}, table {self.table})"
 
 # %% ../nbs/13_presets.ipynb #5e05a244
@@ -42,9 +42,9 @@ def _same(arch, k=2): return (arch,) * k
 
 def _adder(P):
     "A function adding a `Preset` to the list `P`, its name made from table, networks and method"
-    def add(table, models, method, paper, tag=None, approx=(), **kw):
+    def add(table, models, method, reported, tag=None, approx=(), **kw):
         tag = tag or '-'.join(models)
-        P.append(Preset(f"t{table}-{tag}-{method}", table, models, method, paper, approx, **kw))
+        P.append(Preset(f"t{table}-{tag}-{method}", table, models, method, reported, approx, **kw))
     return add
 
 def _tables_1_2(add):
@@ -165,7 +165,7 @@ def list_presets(table:int=None):
     rows = []
     for p in presets.values():
         if table is not None and p.table != table: continue
-        paper = ', '.join(f"{k} {'≈' if k == 'ens' and k in p.approx else ''}{v}" for k, v in p.paper.items())
+        paper = ', '.join(f"{k} {'≈' if k == 'ens' and k in p.approx else ''}{v}" for k, v in p.reported.items())
         rows.append(dict(preset=p.name, table=p.table, networks=' + '.join(p.models), method=p.method, data=p.data,
                          epochs=p.schedule['epochs'], paper=paper, note=p.note))
     return pd.DataFrame(rows)
