@@ -16,7 +16,7 @@ from .models import model_zoo
 from .methods import distill_methods
 from .learner import known_model
 from .presets import presets, list_presets as preset_table
-from .experiment import demo_methods, data_set, regime_of, run_experiment, markdown_table, fair_data_sets, fair_demo_methods
+from .experiment import demo_methods, data_set, RunSpec, regime_of, run_experiment, markdown_table, fair_data_sets, fair_demo_methods
 
 # %% ../nbs/10_cli.ipynb #adfb52e8
 def check_options(models, methods, data, data_path, epochs, bs, lr, schedule, seeds, adv_lr=None, teacher=None):
@@ -100,9 +100,10 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         if out is not None and resume is not True and not rank_distrib(): # what --resume reads
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out)/'afd_train.json').write_text(json.dumps({k: v for k, v in given.items() if k != 'resume'}, indent=1))
-        run_experiment(model_names, methods, data, data_path, seeds=seeds, out=out, **schedule_given,
-                       adv_lr=adv_lr, teacher=teacher, preset=p, paper=paper or p is not None, valid_every=valid_every,
-                       channels_last=channels_last or None, resume=resume is True, **data_kwargs)
+        spec = RunSpec(model_names, methods, data, data_path, seeds=seeds, **schedule_given, adv_lr=adv_lr, teacher=teacher,
+                       preset=p, paper=paper or p is not None, valid_every=valid_every, channels_last=channels_last or None,
+                       **data_kwargs)
+        run_experiment(spec, out=out, resume=resume is True)
         if num_distrib() > 1: teardown_distrib() # a clean exit for every process torchrun started
     except (ValueError, FileNotFoundError) as e:
         print(f"afd_train: error: {e}", file=sys.stderr)

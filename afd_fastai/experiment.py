@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['demo_methods', 'fair_demo_methods', 'data_registry', 'data_sets', 'fair_data_sets', 'DataSet', 'data_set',
-           'regime_of', 'resolve_settings', 'make_dls', 'ValidateEvery', 'train_teacher', 'train_one', 'summarise',
-           'markdown_table', 'paired', 'per_network', 'paired_ci', 'describe_regime', 'describe_settings',
+           'regime_of', 'resolve_settings', 'make_dls', 'ValidateEvery', 'train_teacher', 'RunSpec', 'train_one',
+           'summarise', 'markdown_table', 'paired', 'per_network', 'paired_ci', 'describe_regime', 'describe_settings',
            'estimate_seconds', 'run_experiment']
 
 # %% ../nbs/10a_experiment.ipynb #e0d86867
@@ -256,39 +256,77 @@ def _adv_lr(method, adv_lr):
     "`adv_lr` as a setting, for the methods that have one (a run's other methods have no second optimiser)"
     return distill_methods[method].applicable(adv_lr=adv_lr)
 
-def train_one(models, method, data='digits', data_path=None, epochs=None, bs=None, lr=None, seed=0,
-              schedule=None, progress=True, out=None, adv_lr=None, teacher=None, preset=None, cbs=(), paper=False,
-              valid_every:int=None, # validate every this many epochs and after the last (default: the regime's; 1 = every epoch)
-              channels_last:bool=None, # networks and inputs in channels-last memory format (default: the regime's)
-              resume:bool=False, # continue from the run's checkpoint in `out/models` (and its trained teacher), if there is one
-              **data_kwargs):
-    "Train `models` together with `method` from seed `seed` (checkpoints in `out/models`); returns (learner, results row)"
-    s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule, valid_every=valid_every, channels_last=channels_last)
-    epochs, lr, schedule, milestones, every = s['epochs'], s['lr'], s['schedule'], s.get('milestones'), _valid_every(s, valid_every)
-    models = [_sized(m, data, data_kwargs.get('size')) for m in models]
-    make = lambda: make_dls(data, data_path, bs=bs, seed=seed, **data_kwargs)
-    opt_func, wd = _optimiser(data)
-    kwargs = dict(paper=paper, opt_func=opt_func, wd=wd, **_adv_lr(method, adv_lr), **(getattr(preset, 'settings', None) or {}))
+# %% ../nbs/10a_experiment.ipynb #64e0da86
+class RunSpec:
+    "What an experiment trains: networks, methods, data and its options, schedule, seeds and method settings; the data set's regime fills in what is not given"
+    def __init__(self, models=None, # networks trained together (offline methods: teacher first); None: the data set's
+                 methods=demo_methods, # methods compared, each on the same seeds
+                 data:str='digits', # a registered data set (`data_sets`)
+                 data_path=None, # the folder holding it, where it needs one
+                 epochs:int=None, bs:int=None, lr:float=None, schedule:str=None, # default: the data set's regime
+                 seeds=(0,), # one run per method and seed, every method of a seed from the same weights and batches
+                 valid_every:int=None, # validate every this many epochs and after the last (default: the regime's)
+                 channels_last:bool=None, # networks and inputs in channels-last memory format (default: the regime's)
+                 paper:bool=False, # the paper's method settings (`afd_learner(paper=True)`) instead of the library's
+                 adv_lr:float=None, # the second optimiser's lr, for the methods that have one
+                 teacher=None, # offline methods: a trained teacher (module or file); None: one trained per seed first
+                 preset=None, # a `Preset`: its method settings, and its paper numbers beside the results
+                 **data_options): # the data set's options (size, n_per_class, label_noise, skew, ...); None: its regime's
+        store_attr('data,data_path,paper,adv_lr,teacher,preset')
+        self.data_set = data_set(data)
+        self.models = list(models) if models is not None else self.data_set.models.split(',')
+        self.methods,self.seeds = list(methods),list(seeds)
+        self.data_options = {k: v for k, v in data_options.items() if v is not None}
+        self.data_set.check_options(**self.data_options)
+        s = self.data_set.settings(epochs=epochs, bs=bs, lr=lr, schedule=schedule, valid_every=valid_every,
+                                   channels_last=channels_last, **self.data_options)
+        self.epochs,self.bs,self.lr,self.schedule,self.milestones = s['epochs'],s['bs'],s['lr'],s['schedule'],s.get('milestones')
+        self.valid_every,self.channels_last,self.settings = _valid_every(s, valid_every),bool(s.get('channels_last')),s
+
+    def dls(self, seed:int=0):
+        "The data's DataLoaders (drawn with `seed` where the data set draws)"
+        return make_dls(self.data, self.data_path, bs=self.bs, seed=seed, **self.data_options)
+    def networks(self):
+        "The networks as `afd_learner` takes them (`cifar10s_net` sized for the images)"
+        return [_sized(m, self.data, self.data_options.get('size')) for m in self.models]
+    def learner_kwargs(self, method:str):
+        "`afd_learner`'s arguments for `method`: the regime's optimiser and the method settings that `method` has"
+        opt_func, wd = _optimiser(self.data)
+        return dict(paper=self.paper, opt_func=opt_func, wd=wd, **_adv_lr(method, self.adv_lr),
+                    **(getattr(self.preset, 'settings', None) or {}))
+    def fit(self, learn, cbs=()):
+        "Fit `learn` with this run's schedule"
+        _fit(learn, self.epochs, self.lr, self.schedule, self.milestones, cbs, self.valid_every)
+    def __repr__(self): return f"RunSpec({describe_regime(self)})"
+
+# %% ../nbs/10a_experiment.ipynb #344b07e2
+def train_one(spec:RunSpec, method:str, seed:int=0, progress:bool=True,
+              out=None, # folder: checkpoints in `out/models` (None: none)
+              teacher=None, # offline methods: a trained teacher (default: `spec.teacher`, else one is trained first)
+              cbs=(), # more callbacks for the fit
+              resume:bool=False): # continue from the run's checkpoint in `out/models` (and its trained teacher), if there is one
+    "Train `spec`'s networks together with `method` from seed `seed`; returns (learner, results row)"
+    models, kwargs, teacher = spec.networks(), spec.learner_kwargs(method), teacher if teacher is not None else spec.teacher
     if distill_methods[method].offline:
         trained = sorted((Path(out)/'models').glob(f'teacher_*_seed{seed}.pth')) if resume and out is not None else []
         if teacher is None and trained: teacher = trained[-1] # trained before the interruption
         if teacher is None:
             set_seed(seed, reproducible=True)
-            teacher = train_teacher(models[0], make(), epochs, lr, schedule, milestones, seed, out, progress, opt_func, wd, every,
-                                    bool(s.get('channels_last')))
+            teacher = train_teacher(models[0], spec.dls(seed), spec.epochs, spec.lr, spec.schedule, spec.milestones, seed=seed,
+                                    out=out, progress=progress, opt_func=kwargs['opt_func'], wd=kwargs['wd'],
+                                    valid_every=spec.valid_every, channels_last=spec.channels_last)
         models, kwargs['teacher'] = (models[1:] if len(models) > 1 else models), teacher
     set_seed(seed, reproducible=True) # the same data order for every method (and after a teacher's training)
-    dls = make()
-    learn = afd_learner(dls, models, method=method, **kwargs)
-    if s.get('channels_last'): learn.to_channelslast(use_amp=False)
+    learn = afd_learner(spec.dls(seed), models, method=method, **kwargs)
+    if spec.channels_last: learn.to_channelslast(use_amp=False)
     cbs = list(cbs)
     if out is not None:
         learn.path = Path(out)
         cbs.append(CheckpointCallback(f'{method}_seed{seed}', resume=resume))
     set_seed(seed, reproducible=True) # the same augmentation and sampling draws for every method: building a method's
     start = time.time()                # modules drew from the generators
-    with _quiet(learn, progress), _data_parallel(learn): _fit(learn, epochs, lr, schedule, milestones, cbs, every)
-    paper_cols = preset.paper_columns(learn.names) if preset is not None else None
+    with _quiet(learn, progress), _data_parallel(learn): spec.fit(learn, cbs)
+    paper_cols = spec.preset.paper_columns(learn.names) if spec.preset is not None else None
     return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
 
 # %% ../nbs/10a_experiment.ipynb #01a62a49
@@ -358,18 +396,15 @@ def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, me
     return pd.DataFrame(rows)
 
 # %% ../nbs/10a_experiment.ipynb #3407f7fa
-def describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, valid_every=None, **data_kwargs):
+def describe_regime(spec:RunSpec):
     "One line saying what was trained, on what, for how long"
-    s = resolve_settings(data, epochs=epochs, bs=bs, lr=lr, schedule=schedule, valid_every=valid_every, **data_kwargs)
-    epochs, bs, lr, schedule = s['epochs'], s['bs'], s['lr'], s['schedule']
-    what = data_set(data).describe(s)
-    if schedule == 'multistep': schedule += f" (lr × 0.1 at {', '.join(f'{m:.0%}' for m in s['milestones'])})"
+    schedule = spec.schedule
+    if schedule == 'multistep': schedule += f" (lr × 0.1 at {', '.join(f'{m:.0%}' for m in spec.milestones)})"
     if schedule == 'plateau': schedule += " (lr ÷ 10 after 10 epochs without a lower validation loss)"
-    every = _valid_every(s, valid_every)
-    validated = f", validated every {every} epochs and after the last" if every > 1 else ""
-    if s.get('channels_last'): validated += ", channels-last"
-    return (f"{what}; networks {' + '.join(models)}; methods {', '.join(methods)}; {epochs} epochs {schedule}{validated}, "
-            f"lr {lr}, batch {bs}; seeds {', '.join(map(str, seeds))}")
+    validated = f", validated every {spec.valid_every} epochs and after the last" if spec.valid_every > 1 else ""
+    if spec.channels_last: validated += ", channels-last"
+    return (f"{spec.data_set.describe(spec.settings)}; networks {' + '.join(map(str, spec.models))}; methods {', '.join(spec.methods)}; "
+            f"{spec.epochs} epochs {schedule}{validated}, lr {spec.lr}, batch {spec.bs}; seeds {', '.join(map(str, spec.seeds))}")
 
 # %% ../nbs/10a_experiment.ipynb #560aa17a
 def describe_settings(paper:bool=False, adv_lr:float=None, adversarial:bool=True):
@@ -398,63 +433,45 @@ class _StepWatch(Callback):
 
 def _minutes(seconds): return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} seconds"
 
-def estimate_seconds(models, methods, data='digits', data_path=None, epochs=None, bs=None, lr=None, seeds=(0,), schedule=None,
-                     paper=False, adv_lr=None, valid_every=None, channels_last=None, **data_kwargs):
-    "Seconds `run_experiment` with these arguments will take here, from a few timed training steps of each method"
-    s = resolve_settings(data, epochs=epochs, lr=lr, schedule=schedule, valid_every=valid_every, channels_last=channels_last)
-    every = _valid_every(s, valid_every)
-    validated = sum((e + 1) % every == 0 or e + 1 == s['epochs'] for e in range(s['epochs']))
-    dls = make_dls(data, data_path, bs=bs, seed=0, **data_kwargs)
-    opt_func, wd = _optimiser(data)
-    total = 0.
-    for method in methods:
-        nets = [_sized(m, data, data_kwargs.get('size')) for m in models]
-        kwargs = dict(paper=paper, opt_func=opt_func, wd=wd, **_adv_lr(method, adv_lr))
+def estimate_seconds(spec:RunSpec):
+    "Seconds `run_experiment(spec)` will take here, from a few timed training steps of each method"
+    validated = sum((e + 1) % spec.valid_every == 0 or e + 1 == spec.epochs for e in range(spec.epochs))
+    dls, total = spec.dls(0), 0.
+    for method in spec.methods:
+        nets, kwargs = spec.networks(), spec.learner_kwargs(method)
         if distill_methods[method].offline: nets, kwargs['teacher'] = nets[1:] or nets, resolve_model(nets[0], dls.c)
         learn = afd_learner(dls, nets, method=method, **kwargs)
-        if s.get('channels_last'): learn.to_channelslast(use_amp=False)
+        if spec.channels_last: learn.to_channelslast(use_amp=False)
         watch = _StepWatch()
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, s['lr'], cbs=watch)
-        run = watch.seconds * (s['epochs'] * len(dls.train) + validated * len(dls.valid) / 3)
-        total += len(seeds) * run * (2 if distill_methods[method].offline else 1)
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, spec.lr, cbs=watch)
+        run = watch.seconds * (spec.epochs * len(dls.train) + validated * len(dls.valid) / 3)
+        total += len(spec.seeds) * run * (2 if distill_methods[method].offline else 1)
     return total
 
 # %% ../nbs/10a_experiment.ipynb #8d453b45
-def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (zoo names; offline methods: teacher first)
-                   methods=demo_methods, # methods compared, each on the same seeds
-                   data:str='digits', data_path=None, epochs:int=None, bs:int=None, lr:float=None, seeds=(0,),
-                   schedule:str=None, out='afd_results', # folder for results.csv, results.md and models/ (None: write nothing)
-                   progress:bool=True, adv_lr:float=None, # AFD's second optimiser lr (default: 2e-4; the paper's 2e-5)
-                   teacher=None, # offline methods: a trained teacher (module or file); None: train one first
-                   preset=None, # a `Preset`: its paper numbers go beside the results
-                   paper:bool=False, # the paper's method settings (`afd_learner(paper=True)`) instead of the library's
-                   valid_every:int=None, # validate every this many epochs and after the last (default: the regime's)
-                   channels_last:bool=None, # networks and inputs in channels-last memory format (default: the regime's)
+def run_experiment(spec:RunSpec=None, # what to train (None: a `RunSpec` of `spec_kwargs`)
+                   out='afd_results', # folder for runs.csv, results.csv, results.md and models/ (None: write nothing)
+                   progress:bool=True, # progress bars, the time estimate and the tables printed
                    resume:bool=False, # continue an interrupted experiment in `out`: finished runs kept, the others from their checkpoints
-                   **data_kwargs):
-    "Train `models` with every method and seed; print and write the per-run and the summary tables"
-    runs, names, teachers = [], None, {} # the teacher trained for a seed teaches every offline method of that seed
+                   **spec_kwargs): # `RunSpec`'s arguments (models, methods, data, epochs, seeds, ...), where `spec` is not given
+    "Train `spec`'s networks with every method and seed; print and write the per-run and the summary tables"
+    if spec is None: spec = RunSpec(**spec_kwargs)
+    elif spec_kwargs: raise ValueError(f"Give a RunSpec or its arguments, not both: {', '.join(spec_kwargs)}")
     writes = out is not None and not rank_distrib() # data-parallel: process 0 writes
     if resume and out is None: raise ValueError("resume=True continues the runs saved in `out`: give the folder")
     done = pd.read_csv(Path(out)/'runs.csv') if resume and (Path(out)/'runs.csv').exists() else None # finished runs
     started = time.time()
-    if progress and num_distrib() <= 1: # (the estimate's timed steps are one process's)
-        est = estimate_seconds(models, methods, data, data_path, epochs, bs, lr, seeds, schedule, paper, adv_lr, valid_every,
-                               channels_last, **data_kwargs)
-        n = lambda k, what: f"{k} {what}{'s' if k != 1 else ''}"
-        print(f"{n(len(methods) * len(seeds), 'run')} ({n(len(methods), 'method')} × {n(len(seeds), 'seed')}): about "
-              f"{_minutes(est)} on this machine (estimated from a few timed training steps)", flush=True)
-    for method in methods:
-        for seed in seeds:
+    if progress and num_distrib() <= 1: _announce(spec) # (the estimate's timed steps are one process's)
+    runs, names, teachers = [], None, {} # the teacher trained for a seed teaches every offline method of that seed
+    for method in spec.methods:
+        for seed in spec.seeds:
             finished = done[(done['method'] == method) & (done['seed'] == seed)] if done is not None else []
             if len(finished):
                 if progress and not rank_distrib(): print(f"\n== {method}, seed {seed}: finished before, kept", flush=True)
                 runs.append(finished.iloc[-1].to_dict()); names = names or [c[4:] for c in finished.columns if c.startswith('acc_') and c not in ('acc_avg', 'acc_ens')]
                 continue
             if progress: print(f"\n== {method}, seed {seed}", flush=True)
-            learn, row = train_one(models, method, data, data_path, epochs, bs, lr, seed, schedule, progress, out, adv_lr,
-                                   teacher or teachers.get(seed), preset, paper=paper, valid_every=valid_every,
-                                   channels_last=channels_last, resume=resume, **data_kwargs)
+            learn, row = train_one(spec, method, seed, progress, out, teachers.get(seed), resume=resume)
             if distill_methods[method].offline: teachers[seed] = learn.model.models[0]
             runs.append(row)
             names = learn.names
@@ -462,14 +479,7 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
     runs = pd.DataFrame(runs)
     runs = runs[[c for c in runs.columns if c != 'seconds'] + ['seconds']]
     summary = summarise(runs)
-    regime = describe_regime(models, methods, data, epochs, bs, lr, seeds, schedule, valid_every, **data_kwargs)
-    if data in fair_data_sets: regime += "; a teacher trained first for each seed teaches every offline method of that seed"
-    else: regime += '; ' + describe_settings(paper, adv_lr, adversarial=any(distill_methods[m].adversarial for m in methods))
-    what = 'Accuracy and DEO' if data in fair_data_sets else 'Accuracy'
-    report = f"Regime: {regime}\n\n{what} (%) at the last epoch, mean ± std over seeds:\n\n{markdown_table(summary)}\n"
-    if preset is not None:
-        report = (f"Preset {preset.name} (the paper's Table {preset.table}{'; ' + preset.note if preset.note else ''})\n\n"
-                  + report + f"\nBeside the paper:\n\n{markdown_table(preset_report(preset, runs, names))}\n")
+    report = _report(spec, runs, summary, names)
     if writes:
         out = Path(out); out.mkdir(parents=True, exist_ok=True)
         runs.to_csv(out/'results.csv', index=False)
@@ -478,3 +488,22 @@ def run_experiment(models=('resnet20', 'wrn16_2'), # networks trained together (
     if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.barrier() # every process waits for process 0's files
     if progress: print(f"All runs took {_minutes(time.time() - started)}.", flush=True)
     return runs, summary
+
+def _announce(spec):
+    "Say how many runs and about how long"
+    n = lambda k, what: f"{k} {what}{'s' if k != 1 else ''}"
+    k, s = len(spec.methods), len(spec.seeds)
+    print(f"{n(k * s, 'run')} ({n(k, 'method')} × {n(s, 'seed')}): about {_minutes(estimate_seconds(spec))} on this machine "
+          "(estimated from a few timed training steps)", flush=True)
+
+def _report(spec, runs, summary, names):
+    "The experiment's report: the regime, the table, and the paper's numbers beside it for a preset"
+    regime, fair = describe_regime(spec), spec.data_set.groups
+    if fair: regime += "; a teacher trained first for each seed teaches every offline method of that seed"
+    else: regime += '; ' + describe_settings(spec.paper, spec.adv_lr, adversarial=any(distill_methods[m].adversarial for m in spec.methods))
+    report = (f"Regime: {regime}\n\n{'Accuracy and DEO' if fair else 'Accuracy'} (%) at the last epoch, mean ± std over seeds:\n\n"
+              f"{markdown_table(summary)}\n")
+    p = spec.preset
+    if p is None: return report
+    return (f"Preset {p.name} (the paper's Table {p.table}{'; ' + p.note if p.note else ''})\n\n"
+            + report + f"\nBeside the paper:\n\n{markdown_table(preset_report(p, runs, names))}\n")

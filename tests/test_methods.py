@@ -9,7 +9,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from afd_fastai.all import *
-from afd_fastai.experiment import train_one
+from afd_fastai.experiment import train_one, RunSpec
 
 
 class OneStep(Callback):
@@ -222,7 +222,7 @@ def test_methods_see_the_same_batches():
     "Fair comparisons: for one seed every method trains on the same batches in the same order (a teacher trained first too)"
     def batches(method, seed):
         rec = Targets()
-        train_one(['resnet20', 'resnet20'], method, epochs=2, seed=seed, progress=False, n_per_class=10, cbs=[rec])
+        train_one(RunSpec(['resnet20', 'resnet20'], [method], epochs=2, n_per_class=10), method, seed=seed, progress=False, cbs=[rec])
         return torch.cat(rec.ys)
     seen = {m: batches(m, 3) for m in ('vanilla', 'one', 'afd', 'kd_offline')}
     assert len(seen['vanilla']) == 2 * 96 # 100 images, batches of 32, the last one dropped
