@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['Discriminator', 'TransferLayer', 'shared_size', 'FeaturePair', 'FeatureAdversary', 'add_adversaries',
-           'AdversarialLossError', 'AdversarialDivergenceWarning', 'AdversarialFeatureCallback', 'AdversarialBackoff']
+           'DivergenceWatch', 'adversary_edges', 'AdversarialLossError', 'AdversarialDivergenceWarning',
+           'AdversarialFeatureCallback', 'AdversarialBackoff']
 
 # %% ../nbs/05_adversarial.ipynb #b8011407
 import math
@@ -94,6 +95,40 @@ def add_adversaries(model:PeerModel, topology='mutual', hidden:int=None, leak:fl
     make = lambda s, t, names: FeatureAdversary(s, t, names, hidden, leak, head, joint)
     return model.add_edge_modules('adversaries', edges, make)
 
+# %% ../nbs/05_adversarial.ipynb #800f8e8b
+class DivergenceWatch:
+    "Mixed into the adversarial callback: counts the batches in a row the discriminators win outright, warns once per fit at `patience`"
+    def start_watch(self, n_edges:int, n_students:int):
+        "A fit starts: nothing counted, nothing warned"
+        self.losing,self.warned,self.n_edges,self.n_students = 0,False,n_edges,n_students
+    @property
+    def diverging(self):
+        "Whether the discriminators have won outright for `patience` batches in a row"
+        return getattr(self, 'losing', 0) >= self.patience
+    def watch(self, d:float, g:float): # this batch's d_loss and g_loss, summed over edges and networks
+        "Count this batch: `d_loss` per edge below `win_d` while `g_loss` per network is above `win_g`"
+        d, g = d / self.n_edges, g / self.n_students
+        self.losing = self.losing + 1 if d < self.win_d and g > self.win_g else 0
+        if not self.diverging or self.warned: return
+        self.warned = True
+        warnings.warn(
+            f"The discriminators have won outright for {self.losing} batches (epoch {self.epoch}, batch {self.iter}: "
+            f"d_loss {d:.3f} per edge, g_loss {g:.3f} per network): the feature extractors get no useful adversarial "
+            f"signal. Lower adv_lr (now {self.schedule(self.pct_train) * self.lr_scale:.3g}), raise adv_weight, or add "
+            "AdversarialBackoff() to the callbacks to back the adversarial lr off automatically.", AdversarialDivergenceWarning)
+    def watch_state(self): return dict(losing=self.losing, warned=self.warned)
+
+def adversary_edges(model, topology):
+    "The (teacher, student) edges of `model`'s discriminators, which must be those of `topology`; a clear error otherwise"
+    if not isinstance(model, PeerModel) or getattr(model, 'adversaries', None) is None:
+        raise TypeError("AdversarialFeatureCallback needs a PeerModel with discriminators: build the learner with "
+                        "afd_learner(..., method='afd'), or call add_adversaries(model, topology) after model.setup(x)")
+    edges = as_topology(topology, len(model.models)).edges
+    if list(model.adversary_edges) != edges:
+        raise ValueError(f"The model's discriminators are for the (teacher, student) edges {model.adversary_edges}, not "
+                         f"{edges}: build a new learner to use another topology")
+    return edges
+
 # %% ../nbs/05_adversarial.ipynb #4eb06e6e
 class AdversarialLossError(RuntimeError):
     "The adversarial losses or their gradients stopped being finite"
@@ -101,7 +136,7 @@ class AdversarialLossError(RuntimeError):
 class AdversarialDivergenceWarning(UserWarning):
     "The discriminators are winning outright: `d_loss` near 0, `g_loss` near 1"
 
-class AdversarialFeatureCallback(SecondOptimizer):
+class AdversarialFeatureCallback(DivergenceWatch, SecondOptimizer):
     "AFD's feature level: each edge's discriminator against its student's feature extractor, with a second optimiser"
     warmup = 0. # the fraction of training over which `gen_weight` ramps up from 0
     ramp = TermCallback.ramp # the share of `gen_weight` in force: a linear ramp over the first `warmup` of training
@@ -128,7 +163,7 @@ class AdversarialFeatureCallback(SecondOptimizer):
     def adv_opt(self): return self.second_opt
 
     def before_fit(self): # also runs around get_preds and validate, which must create nothing
-        self.edges = self._check_model()
+        self.edges = adversary_edges(peer_model(self.learn), self.topology)
         super().before_fit()
     def before_train(self): self.sums = [0., 0., 0]
     def after_train(self): # data-parallel: the columns over every process's batches
@@ -151,7 +186,6 @@ class AdversarialFeatureCallback(SecondOptimizer):
 
     def start_fit(self):
         "The second optimiser set up for the fit (`SecondOptimizer.start_fit`), who gets which gradient, the divergence watch"
-        self.losing,self.warned = 0,False
         super().start_fit()
         model = peer_model(self.learn) # who gets which gradient, for this fit (freeze/unfreeze happen between fits)
         transfer = [p for a in model.adversaries for p in a.transfer.parameters()]
@@ -159,12 +193,12 @@ class AdversarialFeatureCallback(SecondOptimizer):
         self.gen = [p for p in extractors + transfer if p.requires_grad]
         self.disc = [p for a in model.adversaries for p in a.discriminator.parameters() if p.requires_grad]
         self.learn.recorder.d_losses,self.learn.recorder.g_losses = L(),L()
-        self.n_students = len({s for _, s in self.edges}) # per-network g_loss, for the divergence watch
+        self.start_watch(len(self.edges), len({s for _, s in self.edges}))
 
     def training_state(self):
         "`SecondOptimizer.training_state` and the divergence watch"
         state = super().training_state()
-        return None if state is None else dict(state, losing=self.losing, warned=self.warned)
+        return None if state is None else dict(state, **self.watch_state())
     def restore(self, state):
         super().restore(state)
         self.losing,self.warned = state['losing'],state['warned']
@@ -179,46 +213,14 @@ class AdversarialFeatureCallback(SecondOptimizer):
         "`g_loss`, averaged over this epoch's training batches (None before any)"
         return self.sums[1] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
 
-    @property
-    def diverging(self):
-        "Whether the discriminators have won outright for `patience` batches in a row"
-        return getattr(self, 'losing', 0) >= self.patience
-
     def __getstate__(self): return {**super().__getstate__(), 'gen': None, 'disc': None}
 
 # %% ../nbs/05_adversarial.ipynb #ba628fe2
 @patch
-def _check_model(self:AdversarialFeatureCallback):
-    "The model's adversary edges, which must be those of the callback's topology"
-    model = peer_model(self.learn)
-    if not isinstance(model, PeerModel) or getattr(model, 'adversaries', None) is None:
-        raise TypeError(f"{type(self).__name__} needs a PeerModel with discriminators: build the learner with "
-                        "afd_learner(..., method='afd'), or call add_adversaries(model, topology) after model.setup(x)")
-    edges = as_topology(self.topology, len(model.models)).edges
-    if list(model.adversary_edges) != edges:
-        raise ValueError(f"The model's discriminators are for the (teacher, student) edges {model.adversary_edges}, not "
-                         f"{edges}: build a new learner to use another topology")
-    return edges
-
-@patch
 def _record(self:AdversarialFeatureCallback, d, g):
     self.sums = [self.sums[0] + d, self.sums[1] + g, self.sums[2] + 1]
     self.learn.recorder.d_losses.append(d); self.learn.recorder.g_losses.append(g)
-    self._watch(d, g)
-
-@patch
-def _watch(self:AdversarialFeatureCallback, d, g):
-    "Count the batches in a row the discriminators win outright; warn once per fit when they reach `patience`"
-    n_students = self.n_students
-    self.losing = self.losing + 1 if d / len(self.edges) < self.win_d and g / n_students > self.win_g else 0
-    if self.diverging and not self.warned:
-        self.warned = True
-        warnings.warn(
-            f"The discriminators have won outright for {self.losing} batches (epoch {self.epoch}, batch {self.iter}: "
-            f"d_loss {d / len(self.edges):.3f} per edge, g_loss {g / n_students:.3f} per network): the feature "
-            f"extractors get no useful adversarial signal. Lower adv_lr (now {self.schedule(self.pct_train) * self.lr_scale:.3g}), "
-            "raise adv_weight, or add AdversarialBackoff() to the callbacks to back the adversarial lr off automatically.",
-            AdversarialDivergenceWarning)
+    self.watch(d, g)
 
 @patch
 def _fail(self:AdversarialFeatureCallback, what, d, g):
