@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Discriminator', 'TransferLayer', 'shared_size', 'FeaturePair', 'FeatureAdversary', 'add_adversaries',
-           'DivergenceWatch', 'adversary_edges', 'AdversarialLossError', 'AdversarialDivergenceWarning',
+           'DivergenceWatch', 'discriminator_edges', 'AdversarialLossError', 'AdversarialDivergenceWarning',
            'AdversarialFeatureCallback', 'AdversarialBackoff']
 
 # %% ../nbs/05_adversarial.ipynb #b8011407
@@ -118,7 +118,7 @@ class DivergenceWatch:
             "AdversarialBackoff() to the callbacks to back the adversarial lr off automatically.", AdversarialDivergenceWarning)
     def watch_state(self): return dict(losing=self.losing, warned=self.warned)
 
-def adversary_edges(model, topology):
+def discriminator_edges(model, topology):
     "The (teacher, student) edges of `model`'s discriminators, which must be those of `topology`; a clear error otherwise"
     if not isinstance(model, PeerModel) or getattr(model, 'adversaries', None) is None:
         raise TypeError("AdversarialFeatureCallback needs a PeerModel with discriminators: build the learner with "
@@ -163,7 +163,7 @@ class AdversarialFeatureCallback(DivergenceWatch, SecondOptimizer):
     def adv_opt(self): return self.second_opt
 
     def before_fit(self): # also runs around get_preds and validate, which must create nothing
-        self.edges = adversary_edges(peer_model(self.learn), self.topology)
+        self.edges = discriminator_edges(peer_model(self.learn), self.topology)
         super().before_fit()
     def before_train(self): self.sums = [0., 0., 0]
     def after_train(self): # data-parallel: the columns over every process's batches
