@@ -75,7 +75,10 @@ class DataSet:
         self.check_options(**options)
         if self.path_holds and data_path is None: self.check_path(data_path)
         s = self.settings(bs=bs, **options)
-        return self.load(data_path, seed=seed, bs=s['bs'], **{k: s.get(k) for k in self.options})
+        dls = self.load(data_path, seed=seed, bs=s['bs'], **{k: s.get(k) for k in self.options})
+        if not len(dls.train): raise ValueError(f"--data {self.name}: {len(dls.train_ds)} training images make no full batch of {s['bs']} "
+                                                "(a partial last batch is dropped): lower --bs, or give more images (--n-per-class)")
+        return dls
 
 
 # %% ../nbs/10a_experiment.ipynb #6a3f80b9
