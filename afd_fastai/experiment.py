@@ -9,7 +9,7 @@ __all__ = ['demo_methods', 'fair_demo_methods', 'data_registry', 'data_sets', 'f
            'estimate_seconds', 'run_experiment']
 
 # %% ../nbs/10a_experiment.ipynb #e0d86867
-import time, contextlib, os
+import time, contextlib, os, math
 from pathlib import Path
 import pandas as pd
 from fastcore.foundation import L
@@ -172,6 +172,10 @@ def _result_row(learn, method, seed, seconds, paper=None):
     row.update({f'paper_{c}': v for c, v in (paper or {}).items()})
     return dict(row, seconds=round(seconds, 1))
 
+def _is_nan(v):
+    try: return math.isnan(v)
+    except TypeError: return False
+
 class ValidateEvery(Callback):
     "Validate only every `n` epochs and after the last (the other epochs' validation columns stay empty)"
     order = Recorder.order + 1 # after the Recorder has reset the metrics (and before the progress bar starts)
@@ -189,9 +193,11 @@ class ValidateEvery(Callback):
     def before_epoch(self):
         if self.n > 1 and not hasattr(self, 'shown'): # the table shows a skipped validation's columns blank, not None
             self.shown,self.learn.logger = self.learn.logger,self._show
-    def _show(self, log): self.shown(L(['' if v is None else v for v in log]))
+    def _show(self, log): # a skipped validation's metrics are None, or NaN where a metric averages over no batch
+        self.shown(L(['' if v is None or (self.skipped and _is_nan(v)) else v for v in log]))
     def before_validate(self): # a skipped epoch validates on no batches: its columns are empty, the table stays aligned
-        if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch:
+        self.skipped = bool((self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch)
+        if self.skipped:
             started = iter(self.dl) # start the loader as validation would (torch draws a seed from its generator
             next(started, None); started.close() # there), so that training then sees what it would have seen
             self.learn.dl = []
