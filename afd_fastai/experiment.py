@@ -410,7 +410,8 @@ def describe_regime(spec:RunSpec):
     schedule = spec.schedule
     if schedule == 'multistep': schedule += f" (lr × 0.1 at {', '.join(f'{m:.0%}' for m in spec.milestones)})"
     if schedule == 'plateau': schedule += " (lr ÷ 10 after 10 epochs without a lower validation loss)"
-    validated = f", validated every {spec.valid_every} epochs and after the last" if spec.valid_every > 1 else ""
+    every, validated = spec.valid_every, ""
+    if every > 1: validated = ", validated after the last epoch only" if every >= spec.epochs else f", validated every {every} epochs and after the last"
     if spec.channels_last: validated += ", channels-last"
     return (f"{spec.data_set.describe(spec.settings)}; networks {' + '.join(map(str, spec.models))}; methods {', '.join(spec.methods)}; "
             f"{spec.epochs} epochs {schedule}{validated}, lr {spec.lr}, batch {spec.bs}; seeds {', '.join(map(str, spec.seeds))}")
