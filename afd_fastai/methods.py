@@ -123,6 +123,11 @@ class Registry(Mapping):
         self.added[name],self._all = entry,None
         return entry
 
+    def __delitem__(self, name):
+        "Remove a registered entry (the shipped ones stay)"
+        if name not in self.added: raise KeyError(f"{name!r} was not registered: only what `register` added can be removed")
+        del self.added[name]; self._all = None
+
     def __getitem__(self, name):
         entries = self._entries()
         if name not in entries: raise KeyError(f"Unknown {self.what} {name!r}: choose {', '.join(entries)}")
