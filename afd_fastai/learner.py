@@ -528,8 +528,13 @@ class CheckpointCallback(SaveModelCallback):
         self.start_epoch,self.resumed = 0,None
         if self.run and self.resume and self.file.exists(): self._resume()
     def before_epoch(self):
-        if self.epoch < self.start_epoch: raise CancelEpochException() # done before the interruption
-        if self.epoch == self.start_epoch and self.resumed is not None: self._restore_records()
+        if self.epoch < self.start_epoch: # done before the interruption: fastai's trackers sleep through it (fastai wakes them after the fit)
+            for cb in self._trackers(): cb.run = False
+            raise CancelEpochException()
+        if self.epoch == self.start_epoch and self.resumed is not None:
+            for cb in self._trackers(): cb.run = True
+            self._restore_records()
+    def _trackers(self): return [cb for cb in self.learn.cbs if isinstance(cb, TrackerCallback) and cb is not self]
     def after_fit(self):
         if self.resumed is not None: self._restore_records() # every epoch was done before
         super().after_fit()
@@ -537,8 +542,8 @@ class CheckpointCallback(SaveModelCallback):
         "The metric rows of the epochs before the interruption, and what fastai's trackers had seen"
         ts,self.resumed = self.resumed,None
         self.learn.recorder.values = L(ts['values'])
-        for cb in self.learn.cbs:
-            if isinstance(cb, TrackerCallback) and cb is not self and type(cb).__name__ in ts['trackers']:
+        for cb in self._trackers():
+            if type(cb).__name__ in ts['trackers']:
                 for k, v in ts['trackers'][type(cb).__name__].items(): setattr(cb, k, v)
     def after_epoch(self):
         if self.epoch >= self.start_epoch: super().after_epoch()

@@ -293,3 +293,25 @@ def test_resume_beside_gradient_accumulation_and_clip(tmp_path):
     fit(resumed, CheckpointCallback('run', resume=True))
     same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
     same(whole.opt.state_dict(), resumed.opt.state_dict(), 'opt')
+
+def test_resume_beside_fastai_trackers(tmp_path):
+    "ReduceLROnPlateau and EarlyStoppingCallback beside CheckpointCallback(resume=True): they sleep through the epochs done before, keep what they had seen, and a finished fit resumes to itself"
+    from fastai.callback.tracker import ReduceLROnPlateau, EarlyStoppingCallback
+    class PowerCut(Callback):
+        def after_batch(self):
+            if self.epoch == 2 and self.iter == 1: raise RuntimeError('power cut')
+    def fit(learn, *cbs):
+        trackers = [ReduceLROnPlateau(monitor='valid_loss', patience=1, factor=10.), EarlyStoppingCallback(patience=5)]
+        with learn.no_bar(), learn.no_logging(): learn.fit(3, 0.05, cbs=trackers + list(cbs))
+        return trackers
+    whole = resumable_learner(tmp_path/'whole')
+    fit(whole, CheckpointCallback('run'))
+    fails(lambda: fit(resumable_learner(tmp_path/'cut'), CheckpointCallback('run', resume=True), PowerCut()), contains='power cut')
+    resumed = resumable_learner(tmp_path/'cut', seed=123)
+    fit(resumed, CheckpointCallback('run', resume=True))
+    same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
+    equal(whole.recorder.values, resumed.recorder.values)
+    done = resumable_learner(tmp_path/'cut', seed=7) # every epoch done: nothing trains, the records come back
+    fit(done, CheckpointCallback('run', resume=True))
+    same(whole.model.state_dict(), done.model.state_dict(), 'model')
+    equal(whole.recorder.values, done.recorder.values)
