@@ -33,6 +33,7 @@ from .methods import paper_sgd, regimes, distill_methods
 from .methods import afd_paper
 from .schedule import fit_multistep
 from .learner import afd_learner, CheckpointCallback, resolve_model
+from .fair import hint_stage, hint_epochs
 from .presets import preset_report
 
 # %% ../nbs/10a_experiment.ipynb #2296bc24
@@ -303,9 +304,9 @@ class RunSpec:
         opt_func, wd = _optimiser(self.data)
         return dict(paper=self.paper, opt_func=opt_func, wd=wd, **_adv_lr(method, self.adv_lr),
                     **(getattr(self.preset, 'settings', None) or {}))
-    def fit(self, learn, cbs=()):
-        "Fit `learn` with this run's schedule"
-        _fit(learn, self.epochs, self.lr, self.schedule, self.milestones, cbs, self.valid_every)
+    def fit(self, learn, cbs=(), epochs:int=None):
+        "Fit `learn` with this run's schedule (for `epochs`, default the run's)"
+        _fit(learn, epochs or self.epochs, self.lr, self.schedule, self.milestones, cbs, self.valid_every)
     def __repr__(self): return f"RunSpec({describe_regime(self)})"
 
 # %% ../nbs/10a_experiment.ipynb #344b07e2
@@ -328,13 +329,14 @@ def train_one(spec:RunSpec, method:str, seed:int=0, progress:bool=True,
     set_seed(seed, reproducible=True) # the same data order for every method (and after a teacher's training)
     learn = afd_learner(spec.dls(seed), models, method=method, **kwargs)
     if spec.channels_last: learn.to_channelslast(use_amp=False)
-    cbs = list(cbs)
-    if out is not None:
-        learn.path = Path(out)
-        cbs.append(CheckpointCallback(f'{method}_seed{seed}', resume=resume))
+    if out is not None: learn.path = Path(out)
+    saved = lambda name: list(cbs) + ([CheckpointCallback(name, resume=resume)] if out is not None else [])
     set_seed(seed, reproducible=True) # the same augmentation and sampling draws for every method: building a method's
     start = time.time()                # modules drew from the generators
-    with _quiet(learn, progress), _data_parallel(learn): spec.fit(learn, cbs)
+    with _quiet(learn, progress), _data_parallel(learn):
+        if hint_epochs(learn, spec.epochs): # FitNet's first stage, a fit of its own
+            with hint_stage(learn): spec.fit(learn, saved(f'{method}_seed{seed}_hints'), hint_epochs(learn, spec.epochs))
+        spec.fit(learn, saved(f'{method}_seed{seed}'))
     paper_cols = spec.preset.paper_columns(learn.names) if spec.preset is not None else None
     return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
 

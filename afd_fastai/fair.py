@@ -6,18 +6,20 @@
 __all__ = ['kd_anneal', 'hint_weight', 'at_weight', 'nst_weight', 'mfd_weight', 'mfd_sigma', 'ad_weight', 'ad_lr',
            'regressor_modules', 'ad_modules', 'fair_methods', 'tsne_settings', 'sq_dists', 'mfd_loss', 'hint_loss',
            'attention_map', 'at_loss', 'nst_loss', 'GradReverse', 'grad_reverse', 'GroupAdversaries', 'TeacherTerm',
-           'HintonKDCallback', 'HintCallback', 'TwoStageHint', 'KDAfterHints', 'ATCallback', 'NSTCallback',
-           'MFDCallback', 'Regressor', 'LabelwiseSampling', 'GroupAdversaryCallback', 'network_features',
-           'tsne_embedding', 'plot_tsne']
+           'HintonKDCallback', 'HintCallback', 'ATCallback', 'NSTCallback', 'MFDCallback', 'TwoStageHint',
+           'KDAfterHints', 'in_hint_stage', 'hint_stage', 'hint_epochs', 'Regressor', 'LabelwiseSampling',
+           'GroupAdversaryCallback', 'network_features', 'tsne_embedding', 'plot_tsne']
 
 # %% ../nbs/20_fair.ipynb #996af814
-import math
+import math, warnings, contextlib
 import torch
 from torch import nn
 import torch.nn.functional as F
 from fastcore.basics import store_attr
 from fastai.callback.core import Callback
 from fastai.optimizer import Adam
+from fastai.learner import Learner
+from fastcore.basics import patch
 from .optim import ForeachAdam
 from fastai.torch_core import params
 from .losses import at_least_fp32, distill_loss, mean_over_teachers
@@ -151,24 +153,10 @@ class HintonKDCallback(TeacherTerm):
     def term(self): return distill_loss(self.pred, self.edges, self.T)
 
 class HintCallback(TeacherTerm):
-    "FitNet: `weight`·½·MSE between each student's regressed feature and the teacher's; alone in the first `stage` of training"
-    column,stage,settings = 'hint_loss',None,dict(weight=hint_weight) # stage: the share of training that trains on the hint alone
+    "FitNet: `weight`·½·MSE between each student's regressed feature and the teacher's"
+    column,settings = 'hint_loss',dict(weight=hint_weight)
     def __init__(self, weight:float=1.): self.weight = weight
     def term(self): return self.over_students(hint_loss, regressed=True)
-    def after_loss(self):
-        if self.stage is None: return super().after_loss()
-        if self.pct_train >= self.stage: return
-        value = self.term() # the hint stage: the hint is the whole loss
-        self.learn.loss_grad = self.weight * value
-        self.learn.loss = self.learn.loss_grad.clone()
-        self.total,self.count = self.total + value.detach(),self.count + 1
-
-class TwoStageHint(HintCallback):
-    "FitNet's first stage: the hint alone for the first half of training"
-    stage = 0.5
-class KDAfterHints(HintonKDCallback):
-    "FitNet's second stage: HKD from the middle of training"
-    start = 0.5
 
 class ATCallback(TeacherTerm):
     "AT: `weight`·½·mean((a(s) − a(t))²) between attention maps of the last conv maps"
@@ -187,6 +175,49 @@ class MFDCallback(TeacherTerm):
     column,settings = 'mfd_loss',dict(weight=mfd_weight, mfd_sigma=mfd_sigma)
     def __init__(self, weight:float=3., mfd_sigma:float=1.): self.weight,self.sigma = weight,mfd_sigma
     def term(self): return self.over_students(lambda s, t: mfd_loss(t, s, self.y, self.group, self.sigma), regressed=True)
+
+# %% ../nbs/20_fair.ipynb #47099559
+class TwoStageHint(HintCallback):
+    "FitNet's first stage, a fit of its own (`Learner.fit_hints`): the hint is the whole loss; off in the fits after it"
+    hint_share = 0.5 # the first stage's epochs as a share of the second's (the authors': E/2)
+    def before_fit(self):
+        super().before_fit()
+        if in_hint_stage(self.learn): self.hints_fitted = True
+        elif not getattr(self, 'hints_fitted', False):
+            warnings.warn("FitNet's hint stage has not run: call learn.fit_hints(n_epoch) first (the authors train the hint "
+                          "alone as a fit of its own, half as long as the second); this fit trains CE + KD only", stacklevel=2)
+    def after_loss(self):
+        if not in_hint_stage(self.learn): return
+        value = self.term()
+        self.learn.loss_grad = self.weight * value
+        self.learn.loss = self.learn.loss_grad.clone()
+        self.total,self.count = self.total + value.detach(),self.count + 1
+
+class KDAfterHints(HintonKDCallback):
+    "FitNet's second stage: HKD (annealed over its own fit), off during the hint stage"
+    def after_loss(self):
+        if not in_hint_stage(self.learn): super().after_loss()
+
+def in_hint_stage(learn): return getattr(learn, 'hint_stage', False)
+
+@contextlib.contextmanager
+def hint_stage(learn):
+    "Fits inside it train FitNet's first stage, the hint alone; the fit after it starts a fresh optimiser, as a run of its own would"
+    if not any(getattr(cb, 'hint_share', 0) for cb in learn.cbs):
+        raise ValueError("This Learner has no hint stage: the hint stage is two-stage FitNet's (method='fitnet' or 'ss_fitnet')")
+    learn.hint_stage = True
+    try: yield learn
+    finally: learn.hint_stage,learn.opt = False,None
+
+def hint_epochs(learn, n_epoch:int):
+    "The epochs of `learn`'s hint stage before a second stage of `n_epoch` (0 where it has none)"
+    share = max((getattr(cb, 'hint_share', 0) for cb in learn.cbs), default=0)
+    return max(1, round(share * n_epoch)) if share else 0
+
+@patch
+def fit_hints(self:Learner, n_epoch:int, lr=None, **kwargs):
+    "FitNet's first stage: `fit_one_cycle(n_epoch, lr, **kwargs)` on the hint alone; the next fit starts a fresh optimiser"
+    with hint_stage(self): self.fit_one_cycle(n_epoch, lr, **kwargs)
 
 # %% ../nbs/20_fair.ipynb #4a42b19b
 class Regressor(nn.Module):

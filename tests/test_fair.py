@@ -2,7 +2,7 @@
 callbacks beside them, and the fairness data sets through `afd_train`."""
 from copy import deepcopy
 from functools import partial
-import subprocess, sys
+import subprocess, sys, contextlib, warnings
 import pytest, torch
 import torch.nn.functional as F
 from fastcore.test import test_close as close, test_fail as fails
@@ -72,7 +72,8 @@ def plain_loss(method, student, teacher, x, y, g, T=1., adv=None, lam_ad=1e-3):
         for h in hooks: h.remove()
     ce = F.cross_entropy(z, y)
     if method == 'hkd': return ce + 4 * kl(z, zt, T), None # λ_h starts at 4 (the authors')
-    if method == 'fitnet': return F.mse_loss(feats['s'], feats['t']) / 2, None # the hint stage: the hint alone
+    if method == 'fitnet_hints': return F.mse_loss(feats['s'], feats['t']) / 2, None # the first fit: the hint alone
+    if method == 'fitnet': return ce + 4 * kl(z, zt, T), None # the second fit: CE + HKD, no hint
     if method == 'fitnet_one_stage': return ce + 4 * kl(z, zt, T) + F.mse_loss(feats['s'], feats['t']) / 2, None
     if method == 'mfd': return ce + 3 * mmd_by_cells(feats['t'], feats['s'], y, g), None
     if method in ('at', 'nst'):
@@ -88,14 +89,16 @@ def plain_loss(method, student, teacher, x, y, g, T=1., adv=None, lam_ad=1e-3):
     raise ValueError(method)
 
 
-@pytest.mark.parametrize('method', ['hkd', 'fitnet', 'fitnet_one_stage', 'at', 'nst', 'mfd', 'ad'])
+@pytest.mark.parametrize('method', ['hkd', 'fitnet_hints', 'fitnet', 'fitnet_one_stage', 'at', 'nst', 'mfd', 'ad'])
 def test_one_step_equals_plain_pytorch(dls, teacher, method):
-    learn = afd_learner(dls, net, method=method, teacher=teacher, lr=0.05)
+    learn = afd_learner(dls, net, method=method.replace('_hints', ''), teacher=teacher, lr=0.05)
     student, frozen = deepcopy(learn.model.models[1]), deepcopy(teacher).eval()
     adv = deepcopy(learn.model.group_adversaries.mlps) if method == 'ad' else None
     before = deepcopy(learn.model.models[1].state_dict())
     step = OneStep()
-    learn.fit(1, lr=0.05, cbs=step)
+    with hint_stage(learn) if method == 'fitnet_hints' else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.simplefilter('ignore') # fitnet without its hint stage warns
+        learn.fit(1, lr=0.05, cbs=step)
     x, y, g = (t.as_subclass(torch.Tensor) for t in (step.x0, step.y0, step.g0))
     sgd = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     loss, adv_loss = plain_loss(method, student, frozen, x, y, g, adv=adv)
@@ -184,3 +187,21 @@ def test_stock_callbacks_compose(dls, teacher, method, tmp_path):
     other.load('best', with_opt=True)
     if method == 'ad': assert other.opt.second is not None # the adversaries' Adam comes back with the checkpoint
     assert all(torch.isfinite(v).all() for v in other.model.state_dict().values() if v.is_floating_point())
+
+
+def test_a_run_trains_fitnet_in_two_fits_and_resumes(teacher, tmp_path):
+    "train_one: FitNet's hint stage as a fit of its own (E/2 epochs, its own checkpoint), then E epochs of CE + HKD; resume keeps both"
+    from afd_fastai.experiment import RunSpec, train_one
+    spec = RunSpec([net, net], ['fitnet'], data='digits_s', epochs=2, bs=32, n_per_class=20, size=16)
+    seen = []
+    class Stages(Callback):
+        def before_fit(self): seen.append((self.n_epoch, getattr(self.learn, 'hint_stage', False)))
+    learn, row = train_one(spec, 'fitnet', 0, progress=False, out=tmp_path, teacher=teacher, cbs=[Stages()])
+    assert seen == [(1, True), (2, False)], seen # the hint alone for 1 epoch, then the second fit
+    assert (tmp_path/'models'/'fitnet_seed0_hints.pth').exists() and (tmp_path/'models'/'fitnet_seed0.pth').exists()
+    hints = [v[-2] for v in learn.recorder.values]
+    assert all(h is None for h in hints), hints # the second fit has no hint
+    seen.clear()
+    again, row2 = train_one(spec, 'fitnet', 0, progress=False, out=tmp_path, teacher=teacher, cbs=[Stages()], resume=True)
+    for p, q in zip(again.model.parameters(), learn.model.parameters()): assert torch.equal(p, q) # both fits were done
+    assert row2['acc_cifar10s_net'] == row['acc_cifar10s_net']
