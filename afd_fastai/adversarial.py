@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['Discriminator', 'TransferLayer', 'shared_size', 'FeaturePair', 'FeatureAdversary', 'add_adversaries',
-           'DivergenceWatch', 'discriminator_edges', 'AdversarialLossError', 'AdversarialDivergenceWarning',
-           'AdversarialFeatureCallback', 'AdversarialBackoff']
+           'DivergenceWatch', 'discriminator_edges', 'LossColumns', 'AdversarialLossError',
+           'AdversarialDivergenceWarning', 'AdversarialFeatureCallback', 'adversarial_failure', 'AdversarialBackoff']
 
 # %% ../nbs/05_adversarial.ipynb #b8011407
 import math
@@ -129,6 +129,25 @@ def discriminator_edges(model, topology):
                          f"{edges}: build a new learner to use another topology")
     return edges
 
+class LossColumns:
+    "Mixed into the adversarial callback: every batch's `d_loss` and `g_loss` in `recorder.d_losses`/`g_losses`, each epoch's means as columns"
+    def before_train(self): self.sums = [0., 0., 0]
+    def after_train(self): # data-parallel: the columns over every process's batches
+        if num_distrib() > 1: self.sums = all_reduce_mean(torch.tensor(self.sums, dtype=torch.float64)[None])[0].tolist()
+    def record(self, d:float, g:float):
+        "Count this batch's `d_loss` and `g_loss` (summed over edges and networks)"
+        self.sums = [self.sums[0] + d, self.sums[1] + g, self.sums[2] + 1]
+        self.learn.recorder.d_losses.append(d); self.learn.recorder.g_losses.append(g)
+    def columns(self):
+        "The `d_loss` and `g_loss` columns for the learner's metrics"
+        return [ValueMetric(self.d_loss_mean, 'd_loss'), ValueMetric(self.g_loss_mean, 'g_loss')]
+    def d_loss_mean(self):
+        "`d_loss`, averaged over this epoch's training batches (None before any)"
+        return self.sums[0] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
+    def g_loss_mean(self):
+        "`g_loss`, averaged over this epoch's training batches (None before any)"
+        return self.sums[1] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
+
 # %% ../nbs/05_adversarial.ipynb #4eb06e6e
 class AdversarialLossError(RuntimeError):
     "The adversarial losses or their gradients stopped being finite"
@@ -136,7 +155,7 @@ class AdversarialLossError(RuntimeError):
 class AdversarialDivergenceWarning(UserWarning):
     "The discriminators are winning outright: `d_loss` near 0, `g_loss` near 1"
 
-class AdversarialFeatureCallback(DivergenceWatch, SecondOptimizer):
+class AdversarialFeatureCallback(DivergenceWatch, LossColumns, SecondOptimizer):
     "AFD's feature level: each edge's discriminator against its student's feature extractor, with a second optimiser"
     warmup = 0. # the fraction of training over which `gen_weight` ramps up from 0
     ramp = TermCallback.ramp # the share of `gen_weight` in force: a linear ramp over the first `warmup` of training
@@ -165,24 +184,21 @@ class AdversarialFeatureCallback(DivergenceWatch, SecondOptimizer):
     def before_fit(self): # also runs around get_preds and validate, which must create nothing
         self.edges = discriminator_edges(peer_model(self.learn), self.topology)
         super().before_fit()
-    def before_train(self): self.sums = [0., 0., 0]
-    def after_train(self): # data-parallel: the columns over every process's batches
-        if num_distrib() > 1: self.sums = all_reduce_mean(torch.tensor(self.sums, dtype=torch.float64)[None])[0].tolist()
 
     def after_loss(self):
         if not self.active: return
         model = peer_model(self.learn)
         d_loss, g_loss = adversarial_losses(model.feature_maps, model.adversaries, self.edges)
         d, g = torch.stack([d_loss.detach(), g_loss.detach()]).float().tolist()
-        if not (math.isfinite(d) and math.isfinite(g)): self._fail('losses', d, g)
+        if not (math.isfinite(d) and math.isfinite(g)): raise adversarial_failure(self, 'losses', d, g)
         grads = list(self.grads_of(g_loss, self.gen) + self.grads_of(d_loss, self.disc)) # None where a loss does not reach (the heads)
         if self.second_scaler is None and not torch.stack([torch.isfinite(grad).all() for grad in grads if grad is not None]).all():
-            self._fail('gradients', d, g)
+            raise adversarial_failure(self, 'gradients', d, g)
         self.accumulate(self.gen + self.disc, grads)
         if self.gen_weight: # the extractors' share goes through the Learner's loss, GradientAccumulation and MixedPrecision
             self.learn.loss_grad = self.learn.loss_grad + self.gen_weight * self.ramp() * g_loss
             self.learn.loss = self.learn.loss_grad.clone()
-        self._record(d, g)
+        self.record(d, g); self.watch(d, g)
 
     def start_fit(self):
         "The second optimiser set up for the fit (`SecondOptimizer.start_fit`), who gets which gradient, the divergence watch"
@@ -203,31 +219,15 @@ class AdversarialFeatureCallback(DivergenceWatch, SecondOptimizer):
         super().restore(state)
         self.losing,self.warned = state['losing'],state['warned']
 
-    def columns(self):
-        "The `d_loss` and `g_loss` columns for the learner's metrics"
-        return [ValueMetric(self.d_loss_mean, 'd_loss'), ValueMetric(self.g_loss_mean, 'g_loss')]
-    def d_loss_mean(self):
-        "`d_loss`, averaged over this epoch's training batches (None before any)"
-        return self.sums[0] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
-    def g_loss_mean(self):
-        "`g_loss`, averaged over this epoch's training batches (None before any)"
-        return self.sums[1] / self.sums[2] if getattr(self, 'sums', [0] * 3)[2] else None
-
     def __getstate__(self): return {**super().__getstate__(), 'gen': None, 'disc': None}
 
 # %% ../nbs/05_adversarial.ipynb #ba628fe2
-@patch
-def _record(self:AdversarialFeatureCallback, d, g):
-    self.sums = [self.sums[0] + d, self.sums[1] + g, self.sums[2] + 1]
-    self.learn.recorder.d_losses.append(d); self.learn.recorder.g_losses.append(g)
-    self.watch(d, g)
-
-@patch
-def _fail(self:AdversarialFeatureCallback, what, d, g):
-    raise AdversarialLossError(
-        f"The adversarial {what} stopped being finite at epoch {self.epoch}, batch {self.iter} (d_loss {d:.4g}, "
+def adversarial_failure(cb, what, d, g):
+    "The error for adversarial `what` (losses or gradients) that stopped being finite, with the fix"
+    return AdversarialLossError(
+        f"The adversarial {what} stopped being finite at epoch {cb.epoch}, batch {cb.iter} (d_loss {d:.4g}, "
         f"g_loss {g:.4g}); training stopped before this batch updated anything. Lower the second "
-        f"optimiser's lr (now {self.lr:g}), check the inputs for NaN/Inf, or train in fp32.")
+        f"optimiser's lr (now {cb.lr:g}), check the inputs for NaN/Inf, or train in fp32.")
 
 # %% ../nbs/05_adversarial.ipynb #e2a4ce72
 class AdversarialBackoff(Callback):

@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['pooling_types', 'has_body', 'default_feature_layer', 'probe_forward', 'find_feature_layer', 'model_name',
-           'unique_names', 'head_modules', 'check_devices', 'PeerModel', 'peer_splitter', 'peer_model']
+           'unique_names', 'head_modules', 'check_devices', 'check_networks', 'OnDevices', 'EdgeModules', 'PeerModel',
+           'peer_splitter', 'peer_model']
 
 # %% ../nbs/01_core.ipynb #13bbad5e
 import torch
 from torch import nn
-from fastcore.basics import listify, patch
+from fastcore.basics import listify
 from fastai.torch_core import params
 from fastai.layers import AdaptiveConcatPool2d
 from torch.nn.parallel import DistributedDataParallel, DataParallel
@@ -119,7 +120,65 @@ class _KeepMap:
         if self.peer is not None and getattr(self.peer, '_running', None) == self.k: self.peer._maps[self.k] = out
     def __getstate__(self): return {'peer': None, 'k': self.k} # a network saved alone (peer(k).export()) stays alone
 
-class PeerModel(nn.Module):
+def check_networks(models, feature_layers=None, names=None):
+    "(networks, names, feature layers): at least two `nn.Module`s, one name and one layer (None: found later) each; a clear error otherwise"
+    models = listify(models)
+    if len(models) < 2:
+        raise ValueError(f"Online distillation needs at least two networks, got {len(models)}. "
+                         "Pass a list such as [resnet32(), resnet32()].")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module): raise TypeError(f"Network {i} is a {type(m).__name__}, not an nn.Module")
+    names = unique_names(names if names is not None else map(model_name, models))
+    layers = listify(feature_layers) if feature_layers is not None else [None] * len(models)
+    if len(layers) != len(models) or len(names) != len(models):
+        raise ValueError(f"Got {len(models)} networks but {len(layers)} feature layers and {len(names)} names: give one each")
+    return models, names, [l if l is not None else default_feature_layer(m) for l, m in zip(layers, models)]
+
+class OnDevices(nn.Module):
+    "A module whose `models` may each run on a device of their own (`devices`); moving the module moves the rest"
+    def place(self, devices):
+        "Put network k on `devices[k]` (None: every network stays where the module is)"
+        self.devices = check_devices(devices, len(self.models))
+        if self.devices is not None:
+            for net, device in zip(self.models, self.devices): net.to(device)
+    def to(self, *args, **kwargs):
+        "`nn.Module.to`; with `devices`, each network stays on its own device and only the rest moves"
+        if getattr(self, 'devices', None) is None: return super().to(*args, **kwargs)
+        _, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        for net, device in zip(self.models, self.devices): net.to(device, dtype, non_blocking, memory_format=memory_format)
+        for name, child in self.named_children():
+            if name != 'models': child.to(*args, **kwargs)
+        return self
+
+class EdgeModules:
+    "Per-edge modules held by name (a discriminator, a regressor, ... per teacher → student edge), with the edges they serve"
+    def add_edge_modules(self, name:str, # the container's attribute name, e.g. 'adversaries'
+                         edges, # (teacher, student) pairs, e.g. `Topology.edges`
+                         make): # `make(student_shape, teacher_shape, (student_name, teacher_name))` → module
+        "Add an `nn.ModuleList` `name` holding `make(...)` for every edge, sized from the shapes `setup` found"
+        if self.feature_shapes is None:
+            raise RuntimeError("Call model.setup(x) with a batch first: it finds the feature-map shapes the modules are sized by")
+        for k, shape in enumerate(self.feature_shapes):
+            if len(shape) != 3 and getattr(make, 'needs_maps', True): # a maker with needs_maps=False takes flat features too
+                raise ValueError(f"The feature map of network {k} ({self.names[k]}) has shape {shape} per item; "
+                                 "feature-level distillation needs a C×H×W map: name a convolutional layer with feature_layers=[...]")
+        edges = [tuple(e) for e in edges]
+        device = next(self.parameters()).device
+        setattr(self, name, nn.ModuleList([make(self.feature_shapes[s], self.feature_shapes[t], (self.names[s], self.names[t]))
+                                           for t, s in edges]).to(device))
+        self.edge_lists[name] = edges
+        return getattr(self, name)
+
+    def edges_of(self, name:str):
+        "The (teacher, student) edges of the per-edge modules in `self.<name>`"
+        return self.edge_lists[name]
+
+    @property
+    def adversary_edges(self): return self.edges_of('adversaries')
+    @property
+    def aligner_edges(self): return self.edges_of('aligners')
+
+class PeerModel(EdgeModules, OnDevices):
     "K networks trained together: forward returns a tuple of K logit tensors and keeps their `feature_maps`."
     gated = False # True where the last output is an ensemble the model computes itself (ONE)
     def __init__(self,
@@ -129,24 +188,12 @@ class PeerModel(nn.Module):
                  devices:list=None, # per network, the device it runs on (['cuda:0', 'cuda:1']); None: the model's one device
                  need_maps:bool=True): # False: a network with no 4-D activation keeps no feature map (methods using logits only)
         super().__init__()
-        models = listify(models)
-        if len(models) < 2:
-            raise ValueError(f"Online distillation needs at least two networks, got {len(models)}. "
-                             "Pass a list such as [resnet32(), resnet32()].")
-        for i, m in enumerate(models):
-            if not isinstance(m, nn.Module): raise TypeError(f"Network {i} is a {type(m).__name__}, not an nn.Module")
+        models, self.names, self.feature_layers = check_networks(models, feature_layers, names)
         self.models,self.need_maps = nn.ModuleList(models),need_maps
-        self.names = unique_names(names if names is not None else map(model_name, models))
-        layers = listify(feature_layers) if feature_layers is not None else [None] * len(models)
-        if len(layers) != len(models) or len(self.names) != len(models):
-            raise ValueError(f"Got {len(models)} networks but {len(layers)} feature layers and {len(self.names)} names: give one each")
-        self.feature_layers = [l if l is not None else default_feature_layer(m) for l, m in zip(layers, models)]
         for k, layer in enumerate(self.feature_layers):
             if layer is not None: self._feature_module(k)
         self.feature_maps,self.feature_shapes,self.heads,self.n_outputs,self.edge_lists = None,None,None,None,{}
-        self.devices = check_devices(devices, len(models))
-        if self.devices is not None:
-            for net, device in zip(self.models, self.devices): net.to(device)
+        self.place(devices)
 
     def __len__(self): return len(self.models)
     @property
@@ -206,49 +253,11 @@ class PeerModel(nn.Module):
         self.feature_maps = self._maps
         return tuple(logits)
 
-    def to(self, *args, **kwargs):
-        "`nn.Module.to`; with `devices`, each network stays on its own device and only the rest moves"
-        if getattr(self, 'devices', None) is None: return super().to(*args, **kwargs)
-        _, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        for net, device in zip(self.models, self.devices): net.to(device, dtype, non_blocking, memory_format=memory_format)
-        for name, child in self.named_children():
-            if name != 'models': child.to(*args, **kwargs)
-        return self
-
     def __getstate__(self):
         state = self.__dict__.copy()
         state['feature_maps'] = state['_maps'] = None # activations of the last batch are not part of the model
         state['_hooked'] = None # the copy hooks its own feature layers at its first forward
         return state
-
-# %% ../nbs/01_core.ipynb #66ec26d6
-@patch
-def add_edge_modules(self:PeerModel, name:str, # the container's attribute name, e.g. 'adversaries'
-                     edges, # (teacher, student) pairs, e.g. `Topology.edges`
-                     make): # `make(student_shape, teacher_shape, (student_name, teacher_name))` → module
-    "Add an `nn.ModuleList` `name` holding `make(...)` for every edge, sized from the shapes `setup` found"
-    if self.feature_shapes is None:
-        raise RuntimeError("Call model.setup(x) with a batch first: it finds the feature-map shapes the modules are sized by")
-    for k, shape in enumerate(self.feature_shapes):
-        if len(shape) != 3 and getattr(make, 'needs_maps', True): # a maker with needs_maps=False takes flat features too
-            raise ValueError(f"The feature map of network {k} ({self.names[k]}) has shape {shape} per item; "
-                             "feature-level distillation needs a C×H×W map: name a convolutional layer with feature_layers=[...]")
-    edges = [tuple(e) for e in edges]
-    device = next(self.parameters()).device
-    setattr(self, name, nn.ModuleList([make(self.feature_shapes[s], self.feature_shapes[t], (self.names[s], self.names[t]))
-                                       for t, s in edges]).to(device))
-    self.edge_lists[name] = edges
-    return getattr(self, name)
-
-@patch
-def edges_of(self:PeerModel, name:str):
-    "The (teacher, student) edges of the per-edge modules in `self.<name>`"
-    return self.edge_lists[name]
-
-@patch(as_prop=True)
-def adversary_edges(self:PeerModel): return self.edges_of('adversaries')
-@patch(as_prop=True)
-def aligner_edges(self:PeerModel): return self.edges_of('aligners')
 
 # %% ../nbs/01_core.ipynb #73572912
 def peer_splitter(model:PeerModel):

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['aligner_modules', 'afd_paper_methods', 'cyclic_from_three', 'adversarial_callback', 'method_callbacks',
-           'torchvision_models', 'timm_models', 'known_model', 'set_input_channels', 'resolve_model', 'AFDLearner',
-           'peek_batch', 'check_single_label', 'build_peer_model', 'add_method_modules', 'check_feature_maps',
-           'NonFiniteError', 'StopOnNonFinite', 'training_labels', 'CheckData', 'split_settings', 'afd_learner',
-           'CheckpointCallback', 'training_state', 'load_training_state']
+           'torchvision_models', 'timm_models', 'known_model', 'set_input_channels', 'resolve_model', 'ensemble_answer',
+           'AFDLearner', 'peek_batch', 'check_single_label', 'build_peer_model', 'add_method_modules',
+           'check_feature_maps', 'NonFiniteError', 'StopOnNonFinite', 'training_labels', 'CheckData', 'split_settings',
+           'afd_learner', 'CheckpointCallback', 'training_state', 'load_training_state']
 
 # %% ../nbs/08_learner.ipynb #e2ed74da
 import inspect, os, random, math
@@ -173,6 +173,18 @@ def resolve_model(given, n_out:int=None, # number of classes
     raise TypeError(f"Cannot make a network from {given!r}: give an nn.Module, a name (zoo, torchvision or timm) or a constructor")
 
 # %% ../nbs/08_learner.ipynb #a96db989
+def ensemble_answer(res:list, loss_func, act=None, preds:bool=True, targs:bool=True, decoded:bool=False, loss:bool=False):
+    "fastai `get_preds`' answer from `res` (inputs, the networks' logits, targets): the ensemble's probabilities (or `act` of the logits), targets, classes, NLL per item"
+    logits, y = res[-2], res[-1]
+    probs = loss_func.activation(logits)
+    answer = probs if act is None else act(logits)
+    out = res[:-2] + [answer if preds else None, y if targs else None]
+    if decoded: out.append(loss_func.decodes(answer))
+    if loss:
+        if y is None: raise ValueError("with_loss=True needs the targets: give a DataLoader with labels (test_dl(..., with_labels=True))")
+        out.append(F.nll_loss(probs.clamp_min(1e-12).log(), y.as_subclass(torch.Tensor).long(), reduction='none'))
+    return tuple(out)
+
 class AFDLearner(Learner):
     "A `Learner` training the networks of a `PeerModel` together"
     @property
@@ -213,17 +225,9 @@ class AFDLearner(Learner):
         if per_network:
             act = act or (lambda preds: tuple(F.softmax(at_least_fp32(p), dim=-1) for p in preds))
             return super().get_preds(ds_idx, dl, with_input, with_decoded, with_loss, act, inner, reorder, cbs, **kwargs)
-        want_preds, want_targs = kwargs.pop('with_preds', True), kwargs.pop('with_targs', True)
-        res = list(super().get_preds(ds_idx, dl, with_input=with_input, act=noop, inner=inner, reorder=reorder, cbs=cbs, **kwargs))
-        logits, targs = res[-2], res[-1]
-        probs = self.loss_func.activation(logits)
-        preds = probs if act is None else act(logits)
-        out = res[:-2] + [preds if want_preds else None, targs if want_targs else None]
-        if with_decoded: out.append(self.loss_func.decodes(preds))
-        if with_loss:
-            if targs is None: raise ValueError("with_loss=True needs the targets: give a DataLoader with labels (test_dl(..., with_labels=True))")
-            out.append(F.nll_loss(probs.clamp_min(1e-12).log(), targs.as_subclass(torch.Tensor).long(), reduction='none'))
-        return tuple(out)
+        want = dict(preds=kwargs.pop('with_preds', True), targs=kwargs.pop('with_targs', True), decoded=with_decoded, loss=with_loss)
+        res = super().get_preds(ds_idx, dl, with_input=with_input, act=noop, inner=inner, reorder=reorder, cbs=cbs, **kwargs)
+        return ensemble_answer(list(res), self.loss_func, act, **want)
 
     def interpret(self, k=None, # None: the ensemble; an index or name: that network alone
                   ds_idx:int=1, dl=None):
