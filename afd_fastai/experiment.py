@@ -192,6 +192,7 @@ class ValidateEvery(Callback):
         if name == 'valid_loss': return True
         return any(m.name == name and not isinstance(m, ValueMetric) for m in self.learn.metrics)
     def before_epoch(self):
+        self.skipped = False # an epoch a resumed fit skips (CheckpointCallback) never gets to validation
         if self.n > 1 and not hasattr(self, 'shown'): # the table shows a skipped validation's columns blank, not None
             self.shown,self.learn.logger = self.learn.logger,self._show
     def _show(self, log): # a skipped validation's metrics are None, or NaN where a metric averages over no batch
@@ -487,7 +488,7 @@ def run_experiment(spec:RunSpec=None, # what to train (None: a `RunSpec` of `spe
             if distill_methods[method].offline: teachers[seed] = learn.model.models[0]
             runs.append(row)
             names = learn.names
-            if writes: Path(out).mkdir(parents=True, exist_ok=True); _csv_replace(pd.DataFrame(runs), Path(out)/'runs.csv')
+            if writes: Path(out).mkdir(parents=True, exist_ok=True); _csv_replace(_with_finished(runs, done), Path(out)/'runs.csv')
     runs = pd.DataFrame(runs)
     runs = runs[[c for c in runs.columns if c != 'seconds'] + ['seconds']]
     summary = summarise(runs)
@@ -500,6 +501,13 @@ def run_experiment(spec:RunSpec=None, # what to train (None: a `RunSpec` of `spe
     if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.barrier() # every process waits for process 0's files
     if progress: print(f"All runs took {_minutes(time.time() - started)}.", flush=True)
     return runs, summary
+
+def _with_finished(runs:list, done):
+    "`runs` and the rows of `done` (finished before a resume) not reached yet: an interrupted resume loses none of them"
+    rows = pd.DataFrame(runs)
+    if done is None or not len(rows): return rows if done is None else pd.concat([rows, done], ignore_index=True)
+    reached = set(zip(rows['method'], rows['seed']))
+    return pd.concat([rows, done[[(m, s) not in reached for m, s in zip(done['method'], done['seed'])]]], ignore_index=True)
 
 def _announce(spec):
     "Say how many runs and about how long"

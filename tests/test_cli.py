@@ -157,3 +157,20 @@ def test_fashion_mnist_run(tmp_path):
     runs = pd.read_csv(tmp_path/'res'/'results.csv')
     assert list(runs['method']) == ['vanilla', 'dml'] and runs['acc_avg'].between(0, 1).all()
     assert 'Regime: Fashion-MNIST 32×32, 4 training images per class, pad-crop and flip; the 10,000 test images' in res.stdout
+
+def test_a_resumed_experiment_keeps_every_finished_row(tmp_path, monkeypatch):
+    "Resumed with its methods in another order and killed again, runs.csv still holds every run finished before"
+    import afd_fastai.experiment as ex
+    spec = lambda methods: ex.RunSpec(['resnet20', 'resnet20'], methods, epochs=1, n_per_class=5, size=8)
+    ex.run_experiment(spec(['vanilla', 'dml']), out=tmp_path, progress=False)
+    runs = pd.read_csv(tmp_path/'runs.csv')
+    runs[runs.method == 'vanilla'].to_csv(tmp_path/'runs.csv', index=False) # as if killed before dml's row was written
+    real, calls = ex.train_one, []
+    def killed_at_the_second_run(*args, **kwargs):
+        if calls: raise KeyboardInterrupt('killed')
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ex, 'train_one', killed_at_the_second_run)
+    with pytest.raises(KeyboardInterrupt): ex.run_experiment(spec(['dml', 'afd', 'vanilla']), out=tmp_path, progress=False, resume=True)
+    kept = pd.read_csv(tmp_path/'runs.csv')
+    assert sorted(kept.method) == ['dml', 'vanilla'], kept.method.tolist() # vanilla, not reached again, is still there

@@ -315,3 +315,19 @@ def test_resume_beside_fastai_trackers(tmp_path):
     fit(done, CheckpointCallback('run', resume=True))
     same(whole.model.state_dict(), done.model.state_dict(), 'model')
     equal(whole.recorder.values, done.recorder.values)
+
+def test_resume_beside_validate_every(tmp_path):
+    "ValidateEvery(2) beside CheckpointCallback(resume=True): the epochs a resumed fit skips log nothing broken, and it ends as one fit"
+    from afd_fastai.experiment import ValidateEvery
+    class PowerCut(Callback):
+        def after_batch(self):
+            if self.epoch == 2 and self.iter == 1: raise RuntimeError('power cut')
+    def fit(learn, *cbs):
+        with learn.no_bar(): learn.fit_one_cycle(4, 0.05, cbs=[ValidateEvery(2), *cbs]) # logging on: the logger is ValidateEvery's
+    whole = resumable_learner(tmp_path/'whole')
+    fit(whole, CheckpointCallback('run'))
+    fails(lambda: fit(resumable_learner(tmp_path/'cut'), CheckpointCallback('run', resume=True), PowerCut()), contains='power cut')
+    resumed = resumable_learner(tmp_path/'cut', seed=123)
+    fit(resumed, CheckpointCallback('run', resume=True))
+    same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
+    equal(whole.recorder.values[-1], resumed.recorder.values[-1])
