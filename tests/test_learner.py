@@ -229,20 +229,24 @@ def same(a, b, where='state'):
         for i, (u, v) in enumerate(zip(a, b)): same(u, v, f'{where}[{i}]')
     else: assert a == b, (where, a, b)
 
-@pytest.mark.parametrize('stop_epoch', [1, 2])
-def test_a_resumed_fit_ends_exactly_as_an_uninterrupted_one(tmp_path, stop_epoch):
-    "Interrupted in epoch `stop_epoch`, resumed in a fresh learner from another seed: weights and both optimisers bitwise those of one fit"
+def whole_and_resumed(tmp_path, fit, stop_epoch:int=1):
+    "`fit(learn, *cbs)` run whole, and run again cut by a power cut in epoch `stop_epoch`, then resumed in a fresh learner from another seed"
     class PowerCut(Callback):
         def after_batch(self):
             if self.epoch == stop_epoch and self.iter == 1: raise RuntimeError('power cut')
-    def fit(learn, cbs):
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 0.05, cbs=cbs)
     whole = resumable_learner(tmp_path/'whole')
     fit(whole, CheckpointCallback('run'))
-    broken = resumable_learner(tmp_path/'cut')
-    fails(lambda: fit(broken, [CheckpointCallback('run', resume=True), PowerCut()]), contains='power cut')
+    fails(lambda: fit(resumable_learner(tmp_path/'cut'), CheckpointCallback('run', resume=True), PowerCut()), contains='power cut')
     resumed = resumable_learner(tmp_path/'cut', seed=123) # another process: other weights, other random state
     fit(resumed, CheckpointCallback('run', resume=True))
+    return whole, resumed
+
+@pytest.mark.parametrize('stop_epoch', [1, 2])
+def test_a_resumed_fit_ends_exactly_as_an_uninterrupted_one(tmp_path, stop_epoch):
+    "Interrupted in epoch `stop_epoch`, resumed in a fresh learner from another seed: weights and both optimisers bitwise those of one fit"
+    def fit(learn, *cbs):
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 0.05, cbs=list(cbs))
+    whole, resumed = whole_and_resumed(tmp_path, fit, stop_epoch)
     same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
     same(whole.opt.state_dict(), resumed.opt.state_dict(), 'opt')
     assert whole.opt.second is not None and len(whole.recorder.d_losses) > 0
@@ -280,35 +284,20 @@ def test_peers_on_their_own_devices():
 def test_resume_beside_gradient_accumulation_and_clip(tmp_path):
     "CheckpointCallback(resume=True) with fastai's GradientAccumulation and GradientClip: the resumed fit still ends bit for bit as one fit"
     from fastai.callback.training import GradientAccumulation, GradientClip
-    class PowerCut(Callback):
-        def after_batch(self):
-            if self.epoch == 1 and self.iter == 1: raise RuntimeError('power cut')
     def fit(learn, *cbs):
         with learn.no_bar(), learn.no_logging():
             learn.fit_one_cycle(3, 0.05, cbs=[GradientAccumulation(32), GradientClip(1.), *cbs])
-    whole = resumable_learner(tmp_path/'whole')
-    fit(whole, CheckpointCallback('run'))
-    fails(lambda: fit(resumable_learner(tmp_path/'cut'), CheckpointCallback('run', resume=True), PowerCut()), contains='power cut')
-    resumed = resumable_learner(tmp_path/'cut', seed=123)
-    fit(resumed, CheckpointCallback('run', resume=True))
+    whole, resumed = whole_and_resumed(tmp_path, fit)
     same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
     same(whole.opt.state_dict(), resumed.opt.state_dict(), 'opt')
 
 def test_resume_beside_fastai_trackers(tmp_path):
     "ReduceLROnPlateau and EarlyStoppingCallback beside CheckpointCallback(resume=True): they sleep through the epochs done before, keep what they had seen, and a finished fit resumes to itself"
     from fastai.callback.tracker import ReduceLROnPlateau, EarlyStoppingCallback
-    class PowerCut(Callback):
-        def after_batch(self):
-            if self.epoch == 2 and self.iter == 1: raise RuntimeError('power cut')
     def fit(learn, *cbs):
         trackers = [ReduceLROnPlateau(monitor='valid_loss', patience=1, factor=10.), EarlyStoppingCallback(patience=5)]
         with learn.no_bar(), learn.no_logging(): learn.fit(3, 0.05, cbs=trackers + list(cbs))
-        return trackers
-    whole = resumable_learner(tmp_path/'whole')
-    fit(whole, CheckpointCallback('run'))
-    fails(lambda: fit(resumable_learner(tmp_path/'cut'), CheckpointCallback('run', resume=True), PowerCut()), contains='power cut')
-    resumed = resumable_learner(tmp_path/'cut', seed=123)
-    fit(resumed, CheckpointCallback('run', resume=True))
+    whole, resumed = whole_and_resumed(tmp_path, fit, stop_epoch=2)
     same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
     equal(whole.recorder.values, resumed.recorder.values)
     done = resumable_learner(tmp_path/'cut', seed=7) # every epoch done: nothing trains, the records come back
@@ -319,15 +308,8 @@ def test_resume_beside_fastai_trackers(tmp_path):
 def test_resume_beside_validate_every(tmp_path):
     "ValidateEvery(2) beside CheckpointCallback(resume=True): the epochs a resumed fit skips log nothing broken, and it ends as one fit"
     from afd_fastai.experiment import ValidateEvery
-    class PowerCut(Callback):
-        def after_batch(self):
-            if self.epoch == 2 and self.iter == 1: raise RuntimeError('power cut')
     def fit(learn, *cbs):
         with learn.no_bar(): learn.fit_one_cycle(4, 0.05, cbs=[ValidateEvery(2), *cbs]) # logging on: the logger is ValidateEvery's
-    whole = resumable_learner(tmp_path/'whole')
-    fit(whole, CheckpointCallback('run'))
-    fails(lambda: fit(resumable_learner(tmp_path/'cut'), CheckpointCallback('run', resume=True), PowerCut()), contains='power cut')
-    resumed = resumable_learner(tmp_path/'cut', seed=123)
-    fit(resumed, CheckpointCallback('run', resume=True))
+    whole, resumed = whole_and_resumed(tmp_path, fit, stop_epoch=2)
     same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
     equal(whole.recorder.values[-1], resumed.recorder.values[-1])
