@@ -335,8 +335,8 @@ def train_one(spec:RunSpec, method:str, seed:int=0, progress:bool=True,
     set_seed(seed, reproducible=True) # the same augmentation and sampling draws for every method: building a method's
     start = time.time()                # modules drew from the generators
     with _quiet(learn, progress), _data_parallel(learn):
-        if hint_epochs(learn, spec.epochs): # FitNet's first stage, a fit of its own
-            with hint_stage(learn): spec.fit(learn, saved(f'{method}_seed{seed}_hints'), hint_epochs(learn, spec.epochs))
+        if hints := hint_epochs(learn, spec.epochs): # FitNet's first stage, a fit of its own
+            with hint_stage(learn): spec.fit(learn, saved(f'{method}_seed{seed}_hints'), hints)
         spec.fit(learn, saved(f'{method}_seed{seed}'))
     paper_cols = spec.preset.paper_columns(learn.names) if spec.preset is not None else None
     return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
@@ -504,10 +504,9 @@ def run_experiment(spec:RunSpec=None, # what to train (None: a `RunSpec` of `spe
 
 def _with_finished(runs:list, done):
     "`runs` and the rows of `done` (finished before a resume) not reached yet: an interrupted resume loses none of them"
-    rows = pd.DataFrame(runs)
-    if done is None or not len(rows): return rows if done is None else pd.concat([rows, done], ignore_index=True)
-    reached = set(zip(rows['method'], rows['seed']))
-    return pd.concat([rows, done[[(m, s) not in reached for m, s in zip(done['method'], done['seed'])]]], ignore_index=True)
+    if done is None: return pd.DataFrame(runs)
+    reached = {(r['method'], r['seed']) for r in runs}
+    return pd.concat([pd.DataFrame(runs), done[[(m, s) not in reached for m, s in zip(done['method'], done['seed'])]]], ignore_index=True)
 
 def _announce(spec):
     "Say how many runs and about how long"
