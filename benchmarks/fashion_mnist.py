@@ -21,8 +21,8 @@ import fastai.callback.channelslast # Learner.to_channelslast
 import pandas as pd
 from afd_fastai.data import fashion_mnist_dls
 from afd_fastai.learner import afd_learner
-from afd_fastai.experiment import ValidateEvery, markdown_table, paired, paired_ci
-from afd_fastai.adversarial import AdversarialDivergenceWarning
+from afd_fastai.tools.experiment import ValidateEvery, markdown_table, paired, paired_ci
+from afd_fastai.callback.adversarial import AdversarialDivergenceWarning
 from short_schedules import parse_settings, result_row, _append, _done
 
 def one_run(n_per_class, nets, method, epochs, seed, bs=64, lr=0.05, holdout=None, **settings):

@@ -21,8 +21,8 @@ from fastcore.script import call_parse
 from fastai.torch_core import set_seed
 from afd_fastai.data import digits_dls
 from afd_fastai.learner import afd_learner
-from afd_fastai.adversarial import AdversarialDivergenceWarning
-from afd_fastai.experiment import markdown_table, paired
+from afd_fastai.callback.adversarial import AdversarialDivergenceWarning
+from afd_fastai.tools.experiment import markdown_table, paired
 
 regimes = dict(all=dict(n_per_class=None, label_noise=0., bs=64), # digits_dls' defaults but 16×16
                noisy=dict(n_per_class=20, label_noise=0.4, bs=32)) # the demo's regime

@@ -8,7 +8,7 @@ import os, pytest, torch
 from fastai.callback.core import Callback
 import fastai.callback.fp16 # to_fp16, to_bf16
 from afd_fastai.all import *
-from afd_fastai.fair_data import digits_s_dls
+from afd_fastai.fairness.data import digits_s_dls
 
 device = os.environ.get('AFD_DEVICE')
 assert device, "the accelerator checks: run by benchmarks/gpu_check.sh (AFD_DEVICE=cuda on a GPU; AFD_DEVICE=cpu in its dry run)"

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 from fastai.torch_core import set_seed
-from afd_fastai.bench import random_dls, bench_learner, PlainLoop, main
+from afd_fastai.tools.bench import random_dls, bench_learner, PlainLoop, main
 from afd_fastai.models import resnet20, wrn16_2
 from fastai.callback.core import Callback
 import fastai.callback.channelslast # Learner.to_channelslast

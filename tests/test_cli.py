@@ -36,7 +36,7 @@ def afd_train(*args, cwd):
 ])
 def test_bad_options_fail_clearly(tmp_path, monkeypatch, capsys, args, message):
     "In-process through the console entry point (the same parser and checks, without a new interpreter per case)"
-    from afd_fastai.cli import main
+    from afd_fastai.tools.cli import main
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit: main(args)
     assert exit.value.code == 2
@@ -160,7 +160,7 @@ def test_fashion_mnist_run(tmp_path):
 
 def test_a_resumed_experiment_keeps_every_finished_row(tmp_path, monkeypatch):
     "Resumed with its methods in another order and killed again, runs.csv still holds every run finished before"
-    import afd_fastai.experiment as ex
+    import afd_fastai.tools.experiment as ex
     spec = lambda methods: ex.RunSpec(['resnet20', 'resnet20'], methods, epochs=1, n_per_class=5, size=8)
     ex.run_experiment(spec(['vanilla', 'dml']), out=tmp_path, progress=False)
     runs = pd.read_csv(tmp_path/'runs.csv')

@@ -28,7 +28,7 @@ class _Quiet(SimpleHTTPRequestHandler):
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
     "The site built into a temporary folder and served on a free localhost port"
-    from afd_fastai.docs import build_site
+    from afd_fastai.tools.docs import build_site
     dest = tmp_path_factory.mktemp('site')
     pages = build_site(dest)
     server = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Quiet, directory=str(dest)))

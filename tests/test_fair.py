@@ -11,7 +11,7 @@ from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from afd_fastai.all import *
-from afd_fastai.fair_data import digits_s_dls
+from afd_fastai.fairness.data import digits_s_dls
 from afd_fastai.groups import GroupTarget
 from afd_fastai.models import cifar10s_net
 
@@ -147,11 +147,11 @@ def test_lr_find_and_get_preds_compose(dls, teacher):
 
 
 def afd_train(*args, cwd):
-    return subprocess.run([sys.executable, '-m', 'afd_fastai.cli', *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, '-m', 'afd_fastai.tools.cli', *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_cli_on_digits_s_reports_deo(tmp_path):
-    from afd_fastai.cli import main
+    from afd_fastai.tools.cli import main
     main(['--data', 'digits_s', '--method', 'scratch,mfd', '--epochs', '1', '--seed', '0', '--n_per_class', '20', '--out', str(tmp_path)])
     text = (tmp_path/'results.md').read_text()
     assert 'deo_m_cifar10s_net' in text and 'digits-S 16×16' in text and '| mfd | 1 |' in text
@@ -159,13 +159,13 @@ def test_cli_on_digits_s_reports_deo(tmp_path):
 
 
 def test_cli_refuses_group_methods_without_groups(capsys):
-    from afd_fastai.cli import main
+    from afd_fastai.tools.cli import main
     with pytest.raises(SystemExit): main(['--method', 'mfd'])
     assert 'need(s) a sensitive group' in capsys.readouterr().err
 
 
 def test_preset_on_fake_cifar10s(tmp_path):
-    from afd_fastai.cli import main
+    from afd_fastai.tools.cli import main
     write_fake_cifar(tmp_path/'data', 10, n_train=64, n_test=16)
     main(['--preset', 's2-cifar10s-mfd', '--data-path', str(tmp_path/'data'), '--epochs', '1', '--bs', '16', '--seed', '0',
           '--out', str(tmp_path/'out')])
@@ -191,7 +191,7 @@ def test_stock_callbacks_compose(dls, teacher, method, tmp_path):
 
 def test_a_run_trains_fitnet_in_two_fits_and_resumes(teacher, tmp_path):
     "train_one: FitNet's hint stage as a fit of its own (E/2 epochs, its own checkpoint), then E epochs of CE + HKD; resume keeps both"
-    from afd_fastai.experiment import RunSpec, train_one
+    from afd_fastai.tools.experiment import RunSpec, train_one
     spec = RunSpec([net, net], ['fitnet'], data='digits_s', epochs=2, bs=32, n_per_class=20, size=16)
     seen = []
     class Stages(Callback):

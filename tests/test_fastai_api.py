@@ -18,7 +18,7 @@ from fastai.torch_core import set_seed
 import fastai.vision.learner # plot_top_losses for images, as `from fastai.vision.all import *` brings it
 from afd_fastai.data import load_fashion_mnist, balanced_subset, fashion_mnist_dls
 from afd_fastai.learner import afd_learner
-from afd_fastai.experiment import ValidateEvery
+from afd_fastai.tools.experiment import ValidateEvery
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):

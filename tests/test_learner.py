@@ -154,7 +154,7 @@ def test_compiled_networks_step_as_eager_ones(tmp_path):
     from fastai.torch_core import set_seed
     "compile_networks (torch.compile in place) on small networks: the same weights after two AFD steps, checkpoints load into an eager learner"
     from afd_fastai.models import BodyHeadNet, pool_linear_head
-    from afd_fastai.bench import random_dls, bench_learner
+    from afd_fastai.tools.bench import random_dls, bench_learner
     def small(): return BodyHeadNet(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), pool_linear_head(8, 10), 'small')
     learners = []
     for compiled in (False, True):
@@ -307,7 +307,7 @@ def test_resume_beside_fastai_trackers(tmp_path):
 
 def test_resume_beside_validate_every(tmp_path):
     "ValidateEvery(2) beside CheckpointCallback(resume=True): the epochs a resumed fit skips log nothing broken, and it ends as one fit"
-    from afd_fastai.experiment import ValidateEvery
+    from afd_fastai.tools.experiment import ValidateEvery
     def fit(learn, *cbs):
         with learn.no_bar(): learn.fit_one_cycle(4, 0.05, cbs=[ValidateEvery(2), *cbs]) # logging on: the logger is ValidateEvery's
     whole, resumed = whole_and_resumed(tmp_path, fit, stop_epoch=2)

@@ -9,7 +9,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from afd_fastai.all import *
-from afd_fastai.experiment import train_one, RunSpec
+from afd_fastai.tools.experiment import train_one, RunSpec
 
 
 class OneStep(Callback):

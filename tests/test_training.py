@@ -161,7 +161,7 @@ def test_bf16_autocast_paths_on_cpu(small_digits, method, paper):
 @pytest.mark.parametrize('method', list(distill_methods))
 def test_every_method_steps_under_cpu_bf16_autocast(method):
     "Every registered method with its forward and losses in bf16 (CPUAutocast, as MixedPrecision on a GPU): bf16 maps, finite fp32 weights that moved"
-    from afd_fastai.fair_data import digits_s_dls
+    from afd_fastai.fairness.data import digits_s_dls
     declared = distill_methods[method]
     dls = digits_s_dls(bs=32, seed=0, n_per_class=10) if declared.groups else digits_dls(size=16, n_per_class=10, bs=32, seed=0)
     net = (lambda: cifar10s_net(n_out=10, size=16)) if declared.groups else (lambda: resnet20(n_out=10))
@@ -179,7 +179,7 @@ def test_validate_every_beside_stock_callbacks(tmp_path):
     "ValidateEvery with GradientAccumulation, GradientClip and SaveModelCallback: the same weights as validating every epoch; a watcher of validation refused"
     from fastai.callback.training import GradientAccumulation, GradientClip
     from fastai.callback.tracker import SaveModelCallback, EarlyStoppingCallback
-    from afd_fastai.experiment import ValidateEvery
+    from afd_fastai.tools.experiment import ValidateEvery
     from fastai.torch_core import set_seed
     def run(every): # networks with dropout: training draws from torch's generator, as starting a loader does
         set_seed(0, reproducible=True)
@@ -202,7 +202,7 @@ def test_validate_every_beside_stock_callbacks(tmp_path):
 def test_a_non_finite_loss_stops_every_method_with_the_last_checkpoint_intact(method, tmp_path):
     "NaN enters at epoch 1, batch 1: the fit stops there with the batch named, the weights finite, epoch 0's checkpoint whole"
     from copy import deepcopy
-    from afd_fastai.fair_data import digits_s_dls
+    from afd_fastai.fairness.data import digits_s_dls
     declared = distill_methods[method]
     dls = digits_s_dls(bs=32, seed=0, n_per_class=10) if declared.groups else digits_dls(size=16, n_per_class=10, bs=32, seed=0)
     net = (lambda: cifar10s_net(n_out=10, size=16)) if declared.groups else (lambda: resnet20(n_out=10))
