@@ -98,7 +98,7 @@ def head_modules(records, feature_layer:str):
     return list(dict.fromkeys(name for name, m, _ in records[end + 1:]
                               if not any(m.children()) and not name.startswith(inside)))
 
-# %% ../nbs/01_core.ipynb #d7233149
+# %% ../nbs/01_core.ipynb #70ef1ef8
 def check_devices(devices, n:int):
     "`devices` as `torch.device`s, one per network, each on this machine (None stays None); a clear error otherwise"
     if devices is None: return None
@@ -120,6 +120,7 @@ class _KeepMap:
         if self.peer is not None and getattr(self.peer, '_running', None) == self.k: self.peer._maps[self.k] = out
     def __getstate__(self): return {'peer': None, 'k': self.k} # a network saved alone (peer(k).export()) stays alone
 
+# %% ../nbs/01_core.ipynb #308dcced
 def check_networks(models, feature_layers=None, names=None):
     "(networks, names, feature layers): at least two `nn.Module`s, one name and one layer (None: found later) each; a clear error otherwise"
     models = listify(models)
@@ -134,6 +135,7 @@ def check_networks(models, feature_layers=None, names=None):
         raise ValueError(f"Got {len(models)} networks but {len(layers)} feature layers and {len(names)} names: give one each")
     return models, names, [l if l is not None else default_feature_layer(m) for l, m in zip(layers, models)]
 
+# %% ../nbs/01_core.ipynb #b1f152b0
 class OnDevices(nn.Module):
     "A module whose `models` may each run on a device of their own (`devices`); moving the module moves the rest"
     def place(self, devices):
@@ -150,6 +152,7 @@ class OnDevices(nn.Module):
             if name != 'models': child.to(*args, **kwargs)
         return self
 
+# %% ../nbs/01_core.ipynb #09a34ef4
 class EdgeModules:
     "Per-edge modules held by name (a discriminator, a regressor, ... per teacher → student edge), with the edges they serve"
     def add_edge_modules(self, name:str, # the container's attribute name, e.g. 'adversaries'
@@ -178,6 +181,7 @@ class EdgeModules:
     @property
     def aligner_edges(self): return self.edges_of('aligners')
 
+# %% ../nbs/01_core.ipynb #45b7574b
 class PeerModel(EdgeModules, OnDevices):
     "K networks trained together: forward returns a tuple of K logit tensors and keeps their `feature_maps`."
     gated = False # True where the last output is an ensemble the model computes itself (ONE)
