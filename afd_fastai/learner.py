@@ -187,6 +187,7 @@ def ensemble_answer(res:list, loss_func, act=None, preds:bool=True, targs:bool=T
         out.append(F.nll_loss(probs.clamp_min(1e-12).log(), y.as_subclass(torch.Tensor).long(), reduction='none'))
     return tuple(out)
 
+# %% ../nbs/14_learner.ipynb #6164dc93
 class AFDLearner(Learner):
     "A `Learner` training the networks of a `PeerModel` together"
     @property
@@ -263,6 +264,7 @@ class AFDLearner(Learner):
         if with_opt: self.opt.load_state_dict({**state['opt'], 'second': state['second']})
         return self
 
+# %% ../nbs/14_learner.ipynb #c6b6ccfa
 def _read_legacy(file):
     "The model and both optimisers' states of a checkpoint in afd_fastai 0.0.1's format, else None"
     try: state = torch.load(file, map_location='cpu', weights_only=False)
@@ -299,6 +301,7 @@ def check_single_label(dls):
                          "CategoryBlock targets")
     return b[0]
 
+# %% ../nbs/14_learner.ipynb #3c6447c9
 def _check_distinct(nets, offline:bool):
     "Raise a clear error where one module is passed twice (as teacher and student, or twice among the networks)"
     for k, net in enumerate(nets):
@@ -320,6 +323,7 @@ def _check_channels(nets, n_in:int, offline:bool):
                if offline and k == 0 else f"build it for {n_in}-channel images (a zoo name or constructor gets the data's channels)")
         raise ValueError(f"{who} takes {conv.in_channels}-channel images but the data has {n_in} channels: {fix}")
 
+# %% ../nbs/14_learner.ipynb #c27e81d7
 def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_layers=None, names=None, teacher=None, devices=None,
                      pretrained:bool=False):
     "The method's model of `models` (a frozen `teacher` first for offline methods), set up by one probe forward on `dls`"
@@ -357,6 +361,7 @@ def build_peer_model(dls, models, method:DistillMethod, n_out:int=None, feature_
                              f"(the data's class count, or network 0's): build every network with n_out={want}")
     return model
 
+# %% ../nbs/14_learner.ipynb #bbfecd6f
 def add_method_modules(model:PeerModel, method:DistillMethod, topology,
                        s:dict=None, # the method's resolved settings (None: the library's defaults)
                        n_groups:int=None): # the data's number of sensitive groups (methods that need groups)
@@ -575,6 +580,7 @@ class CheckpointCallback(SaveModelCallback):
         load_training_state(self.learn, ts)
         self.start_epoch,self.resumed = ts['epoch'] + 1,ts
 
+# %% ../nbs/14_learner.ipynb #6c396b0a
 def _checkpoint_globals():
     "What fastai's optimiser state holds beside tensors (its hypers: an `L` of numpy numbers), for `torch.load(weights_only=True)`"
     return [L, np.float64(0).__reduce__()[0], np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]

@@ -212,6 +212,7 @@ class DistillMethod:
         return self.topology(n) if callable(self.topology) else self.topology
     def __repr__(self): return f"DistillMethod({self.name}: {self.doc})"
 
+# %% ../nbs/07_methods.ipynb #2c03e35b
 def _check_method(name:str, method:DistillMethod):
     "Name `method` and check its own defaults against its settings"
     method.name = name
@@ -233,6 +234,7 @@ def build_part(cls, values:dict, # a method's resolved settings (`DistillMethod.
     return cls(**{p: values[s.name] for p, s in getattr(cls, 'settings', {}).items()},
                **{k: context[k] for k in getattr(cls, 'context', ())})
 
+# %% ../nbs/07_methods.ipynb #cb3d574b
 def settings_table(method:str=None):
     "A DataFrame of settings: a method's (its values, the library's and the paper's) or, with none given, every method's"
     import pandas as pd

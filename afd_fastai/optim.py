@@ -117,6 +117,7 @@ def second_scaler(learn, loss_scale:float=None):
     fp16 = mp is not None and str(getattr(mp, 'amp_mode', '')).endswith('fp16') and device == 'cuda'
     return torch.amp.GradScaler('cuda') if fp16 else None
 
+# %% ../nbs/06_optim.ipynb #4b2d8e23
 class SecondOptimizer(Callback):
     "A second optimiser beside the Learner's, owned by this callback: made once, scheduled, loss-scaled, accumulated, averaged, checkpointed"
     order,run_valid,off_in_lr_find = 0,False,True # lr_find: the networks' loss alone, nothing made or stepped

@@ -54,6 +54,7 @@ def _per_student(edges, terms):
     for (t, s), term in zip(edges, terms): by_student.setdefault(s, []).append(term)
     return sum(sum(v) / len(v) for v in by_student.values())
 
+# %% ../../nbs/33_bench.ipynb #526cacb3
 class PlainLoop:
     "The training step of a learner's method (vanilla, dml, afd), written as a plain PyTorch loop over a copy of its networks"
     methods = ('vanilla', 'dml', 'afd')

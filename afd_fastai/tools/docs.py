@@ -140,6 +140,7 @@ mathjax_path = 'mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full'
 mathjax2_config = {{'HTML-CSS': {{'availableFonts': [], 'webFont': 'STIX-Web', 'imageFont': None}}}} # the fonts it ships
 '''
 
+# %% ../../nbs/34_docs.ipynb #db5eff49
 def build_site(dest='docs', # where the HTML goes
                proc:bool=True, # run nbdev's processing first (False: use the `_proc` folder as it is)
                quiet:bool=True): # Sphinx prints warnings and errors only

@@ -177,6 +177,7 @@ def _is_nan(v):
     try: return math.isnan(v)
     except TypeError: return False
 
+# %% ../../nbs/30_experiment.ipynb #e8d430fb
 class ValidateEvery(Callback):
     "Validate only every `n` epochs and after the last (the other epochs' validation columns stay empty)"
     order = Recorder.order + 1 # after the Recorder has reset the metrics (and before the progress bar starts)
@@ -210,6 +211,7 @@ class ValidateEvery(Callback):
     def after_fit(self):
         if hasattr(self, 'shown'): self.learn.logger = self.shown; del self.shown
 
+# %% ../../nbs/30_experiment.ipynb #10d643dc
 def _valid_every(s, given):
     "Epochs between validations: `given`, else the regime's in `s`; every epoch under the plateau schedule unless `given`"
     return 1 if s['schedule'] == 'plateau' and given is None else s.get('valid_every') or 1
@@ -247,6 +249,7 @@ def _data_parallel(learn):
     "`learn.distrib_ctx()` where the process was started by torchrun / accelerate launch with others"
     return learn.distrib_ctx() if num_distrib() > 1 else contextlib.nullcontext()
 
+# %% ../../nbs/30_experiment.ipynb #bfe17f1c
 def train_teacher(arch, dls, epochs, lr, schedule, milestones=(0.5, 0.75), seed=0, out=None, progress=True, opt_func=paper_sgd, wd=1e-4,
                   valid_every:int=1, channels_last:bool=False):
     "Train the teacher of an offline method alone (same optimiser and schedule as the students); save the module"

@@ -75,6 +75,7 @@ def _tables_1_2(add):
     add(2, pair, 'dml', dict(net1=74.99, net2=76.64, ens=77.2), approx=('ens',), note='"w/o Adv (KD only)"')
     add(2, pair, 'afd', dict(net1=75.88, net2=77.08, ens=77.82))
 
+# %% ../../nbs/32_presets.ipynb #faf7625a
 def _tables_3_4(add):
     # Table 3: two networks of the same architecture
     for arch, van, dml, one, afd, approx in [
@@ -138,6 +139,7 @@ fair_tables = { # Tables 2–4: accuracy, DEO_A, DEO_M (%), mean of 4 runs
                    ss_fitnet=(79.77, 9.31, 8.61), ad_hkd=(80.31, 3.40, 4.05), ad_fitnet=(80.60, 5.12, 5.51),
                    mfd=(80.15, 5.46, 5.86))}
 
+# %% ../../nbs/32_presets.ipynb #3b0b830c
 def _fair_tables(P):
     "The fairness paper's Tables 2–4 (supplementary): teacher → student runs with Table 1's settings, as presets 'S2'–'S4'"
     nets = dict(cifar10s='cifar10s_net', utkface='resnet18', celeba='resnet18')
@@ -151,6 +153,7 @@ def _fair_tables(P):
                             dict(acc=acc, deo_a=deo_a, deo_m=deo_m), note=note, settings=fair_table1[method][i],
                             network='teacher' if teacher else 'student', **_schedule(data, regimes['fair'])))
 
+# %% ../../nbs/32_presets.ipynb #0ae95806
 def _rows():
     P = []
     for tables in (_tables_1_2, _tables_3_4, _tables_5_6): tables(_adder(P))
