@@ -48,8 +48,6 @@ from .groups import GroupTarget, fairness_metrics
 from .callback.adversarial import shared_size
 from .callback.baselines import (EnsembleKDCallback, AlternatingDMLCallback, FeatureAligner, FeatureAlignCallback,
                                   FrozenTeacherCallback, OneModel, OneCallback, load_teacher)
-from .compat import install_old_names
-install_old_names() # pickles of learners exported before the sub-packages name the old modules
 
 # %% ../nbs/14_learner.ipynb #e8bfc70d
 def cyclic_from_three(n:int):
