@@ -55,7 +55,7 @@ def cyclic_from_three(n:int):
     return 'cyclic' if n >= 3 else 'mutual'
 
 aligner_modules = {'aligners': FeatureAligner}
-afd_paper_methods = dict( # `distill_methods` reads them on first use (and the fairness paper's from `fair.fair_methods`)
+afd_paper_methods = dict( # `distill_methods` reads them on first use (and the fairness paper's from `fairness.methods.fair_methods`)
     afd=DistillMethod("AFD: CE + T²·KL at the logits, and the adversarial game at the feature maps",
                       terms=DistillCallback, adversarial=True, topology=cyclic_from_three),
     afd_adv_only=DistillMethod("AFD without the logit term: CE and the adversarial feature-map game",
