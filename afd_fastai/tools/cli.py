@@ -86,7 +86,7 @@ def afd_train(models:str=None, # comma-separated networks trained together (zoo 
         if list_presets: return print(markdown_table(preset_table()))
         p, models, method, data, schedule_given = _with_preset(preset, models, method, data, epochs=epochs, bs=bs, lr=lr,
                                                                schedule=schedule)
-        fair = data in fair_data_sets
+        fair = data_set(data).groups # its batches carry a sensitive group
         model_names = [m.strip() for m in (models or data_set(data).models).split(',') if m.strip()]
         seeds = _ints(seed, '--seed') if seed is not None else list(regime_of(data)['seeds'])
         method = method or 'compare'
