@@ -137,3 +137,26 @@ def test_no_warning_from_a_fit_lr_find_or_fine_tune(dls, method, recwarn):
     with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 0.01, freeze_epochs=1)
     ours = [w for w in recwarn.list if 'afd_fastai' in w.filename or 'shadowing' in str(w.message) or 'generator is empty' in str(w.message)]
     assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+
+def test_a_learner_exported_by_the_flat_layout_loads(tmp_path):
+    """A learner exported by version 0.0.1, whose pickle names the flat modules (`afd_fastai.adversarial`, ...), loads in a
+    fresh process with its classes from the modules' new places and answers as it did (tests/data: two small conv nets
+    trained one epoch of AFD on digits, and their logits on two images at export)"""
+    import subprocess, sys
+    from pathlib import Path
+    data = Path(__file__).parent/'data'
+    code = f"""
+import torch
+from fastai.learner import load_learner
+learn = load_learner({str(data/'flat_layout_afd.pkl')!r})
+modules = {{type(m).__module__ for m in learn.model.modules() if type(m).__module__.startswith('afd_fastai')}}
+assert 'afd_fastai.callback.adversarial' in modules and 'afd_fastai.adversarial' not in modules, modules
+want = torch.load({str(data/'flat_layout_afd_expected.pt')!r})
+learn.model.eval()
+with torch.no_grad(): got = learn.model(want['x'])
+for g, w in zip(got, want['logits']): assert torch.allclose(g, w, atol=1e-5), (g, w)
+print(len(got))
+"""
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == '2'
