@@ -205,3 +205,23 @@ def test_a_run_trains_fitnet_in_two_fits_and_resumes(teacher, tmp_path):
     again, row2 = train_one(spec, 'fitnet', 0, progress=False, out=tmp_path, teacher=teacher, cbs=[Stages()], resume=True)
     for p, q in zip(again.model.parameters(), learn.model.parameters()): assert torch.equal(p, q) # both fits were done
     assert row2['acc_cifar10s_net'] == row['acc_cifar10s_net']
+
+def test_tsne_script_embeds_the_students_of_a_run(tmp_path):
+    "benchmarks/fairness_tsne.py reads a run's students (each as accurate as the run reported) and embeds a balanced test draw"
+    import sys, pandas as pd
+    from pathlib import Path
+    from afd_fastai.tools.cli import afd_train
+    from afd_fastai.tools.experiment import make_dls
+    sys.path.insert(0, str(Path(__file__).parents[1]/'benchmarks'))
+    import fairness_tsne
+    afd_train.__wrapped__(data='fashion_mnist_s', method='scratch,mfd', seed='0', epochs=1, bs=16, n_per_class=5, size=16, out=str(tmp_path))
+    runs = pd.read_csv(tmp_path/'runs.csv').set_index('method')
+    dls = make_dls('fashion_mnist_s', seed=0, bs=16, n_per_class=5, size=16)
+    for method in ('scratch', 'mfd'):
+        net = fairness_tsne.saved_student(tmp_path/'models'/f'{method}_seed0.pth', 16)
+        with torch.no_grad(): correct = sum(int((net(x.cpu()).argmax(1) == y.cpu()).sum()) for x, y, g in dls.valid)
+        assert abs(correct / len(dls.valid.dataset) - runs.loc[method, 'acc_cifar10s_net']) < 1e-6
+    fairness_tsne.main(str(tmp_path), methods='scratch,mfd', per_cell=8, out=str(tmp_path/'tsne.csv'))
+    emb = pd.read_csv(tmp_path/'tsne.csv')
+    assert emb.groupby(['method', 'cls', 'group']).size().eq(8).all() and len(emb) == 2 * 10 * 2 * 8
+    assert emb.group_probe.between(0, 1).all() and emb[['x', 'y']].notna().all().all()
