@@ -537,8 +537,8 @@ class CheckpointCallback(SaveModelCallback):
         self.start_epoch,self.resumed = 0,None
         if self.run and self.resume and self.file.exists(): self._resume()
     def before_epoch(self):
-        if self.epoch < self.start_epoch: # done before the interruption: fastai's trackers sleep through it (fastai wakes them after the fit)
-            for cb in self._trackers(): cb.run = False
+        if self.epoch < self.start_epoch: # done before the interruption: fastai's trackers sleep through it (fastai wakes them after
+            for cb in self._trackers() + [self.learn.recorder]: cb.run = False # the fit), and the Recorder logs no row for it
             raise CancelEpochException()
         if self.epoch == self.start_epoch and self.resumed is not None:
             for cb in self._trackers(): cb.run = True
@@ -556,6 +556,7 @@ class CheckpointCallback(SaveModelCallback):
                 for k, v in ts['trackers'][type(cb).__name__].items(): setattr(cb, k, v)
     def after_epoch(self):
         if self.epoch >= self.start_epoch: super().after_epoch()
+        elif self.epoch == self.start_epoch - 1: self.learn.recorder.run = True # the next epoch trains: its row is logged
 
     def _save(self, name):
         if rank_distrib(): return # data-parallel: process 0 writes

@@ -313,3 +313,17 @@ def test_resume_beside_validate_every(tmp_path):
     whole, resumed = whole_and_resumed(tmp_path, fit, stop_epoch=2)
     same(whole.model.state_dict(), resumed.model.state_dict(), 'model')
     equal(whole.recorder.values[-1], resumed.recorder.values[-1])
+
+def test_a_resumed_fit_logs_only_the_epochs_it_trains(tmp_path):
+    "The epochs a resumed fit skips print no rows: its table goes on from the epoch where the fit was cut, with the row one fit prints"
+    calls = []
+    def fit(learn, *cbs):
+        rows = []; calls.append(rows)
+        learn.logger = lambda row: rows.append(list(row))
+        with learn.no_bar(): learn.fit_one_cycle(3, 0.05, cbs=list(cbs))
+    whole_and_resumed(tmp_path, fit, stop_epoch=2)
+    whole, cut, resumed = calls
+    epochs = lambda rows: [r[0] for r in rows if isinstance(r[0], int)]
+    assert epochs(whole) == [0, 1, 2] and epochs(cut) == [0, 1] and epochs(resumed) == [2], (whole, resumed)
+    assert all(len(r) == len(whole[-1]) for r in resumed if isinstance(r[0], int)) # no short rows
+    equal(resumed[-1][:-1], whole[-1][:-1]) # the same losses and metrics (all but the time)
