@@ -189,6 +189,22 @@ def test_stock_callbacks_compose(dls, teacher, method, tmp_path):
     assert all(torch.isfinite(v).all() for v in other.model.state_dict().values() if v.is_floating_point())
 
 
+def test_stock_callbacks_compose_with_fitnet_stages(dls, teacher, tmp_path):
+    "FitNet's hint stage with GradientAccumulation and GradientClip, then fine_tune with SaveModelCallback, under to_fp16"
+    from fastai.callback.tracker import SaveModelCallback
+    from fastai.callback.training import GradientAccumulation
+    learn = afd_learner(dls, net, method='fitnet', teacher=teacher, path=tmp_path).to_fp16() # on CPU autocast is off: composition only
+    frozen_teacher = deepcopy(teacher.state_dict())
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.filterwarnings('error', message="FitNet's hint stage has not run") # it ran: the fits after it do not warn
+        learn.fit_hints(1, 1e-3, cbs=[GradientAccumulation(2 * dls.bs), GradientClip(1.)])
+        assert learn.opt is None # the next fit starts a fresh optimiser
+        learn.fine_tune(1, 1e-3, freeze_epochs=1, cbs=[SaveModelCallback(fname='best', with_opt=True), GradientClip(1.)])
+    for k, v in learn.model.models[0].state_dict().items(): assert torch.equal(v, frozen_teacher[k]) # the teacher never moves
+    other = afd_learner(dls, net, method='fitnet', teacher=teacher, path=tmp_path)
+    other.load('best', with_opt=True)
+    assert all(torch.isfinite(v).all() for v in other.model.state_dict().values() if v.is_floating_point())
+
 def test_a_run_trains_fitnet_in_two_fits_and_resumes(teacher, tmp_path):
     "train_one: FitNet's hint stage as a fit of its own (E/2 epochs, its own checkpoint), then E epochs of CE + HKD; resume keeps both"
     from afd_fastai.tools.experiment import RunSpec, train_one
