@@ -79,7 +79,7 @@ def test_readme_commands_are_what_ci_runs():
     readme, ci = (root/'README.md').read_text(), (root/'.ci'/'run').read_text()
     blocks = re.findall(r'```sh\n(.*?)\n```', readme, re.S)
     commands = [line for b in blocks for line in b.splitlines()]
-    for cmd in ['pip install -e ".[dev,docs]"', 'afd_train', 'afd_docs', 'OMP_NUM_THREADS=1 nbdev_test && pytest']: assert cmd in commands
+    for cmd in ['pip install -e ".[dev,docs]"', 'afd_train', 'afd_docs', 'OMP_NUM_THREADS=1 nbdev_test && OMP_NUM_THREADS=1 pytest -n auto --maxprocesses 4']: assert cmd in commands
     for cmd in commands: assert cmd in ci, cmd
 
 
