@@ -390,14 +390,18 @@ def per_network(runs:pd.DataFrame):
             rows.append({**r.drop('acc_nets').to_dict(), 'network': f"{k}:{name}", 'acc': float(acc)})
     return pd.DataFrame(rows)
 
-def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, method, tag, seed and `col` (a fraction)
-              base=('vanilla', 'default'), # the (method, tag) every other row is compared with, seed by seed
-              by=('regime', 'nets', 'epochs'), # the columns that make one comparison
-              level:float=0.95): # confidence of the interval
+def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, method, seed, `col` (a fraction) and maybe tag
+              base=('vanilla', 'default'), # the method (or (method, tag)) every other row is compared with, seed by seed
+              by=('regime', 'nets', 'epochs'), # the columns that make one comparison (none: the whole table is one)
+              level:float=0.95, # confidence of the interval
+              lower_is_better:bool=False): # `col` is a gap (e.g. DEO): a difference above 0 is `worse`
     "Per group: each (method, tag)'s paired difference to `base` in points, its t-interval (`lo`, `hi`) and the verdict"
     from scipy import stats
+    if 'tag' not in runs: runs = runs.assign(tag='default')
+    if isinstance(base, str): base = (base, 'default')
+    up, down = ('worse', 'better') if lower_is_better else ('better', 'worse')
     rows = []
-    for key, g in runs.groupby(list(by), sort=False):
+    for key, g in runs.groupby(list(by), sort=False) if by else [((), runs)]:
         ref = g[(g.method == base[0]) & (g.tag == base[1])].set_index('seed')[col]
         for (method, tag), r in g.groupby(['method', 'tag'], sort=False):
             if (method, tag) == tuple(base): continue
@@ -405,7 +409,7 @@ def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, me
             n = len(d)
             half = stats.t.ppf((1 + level) / 2, n - 1) * d.std(ddof=1) / n ** 0.5 if n > 1 else float('inf')
             lo, hi = d.mean() - half, d.mean() + half
-            verdict = 'too few seeds' if n < 2 else 'worse' if hi < 0 else 'better' if lo > 0 else 'within noise'
+            verdict = 'too few seeds' if n < 2 else down if hi < 0 else up if lo > 0 else 'within noise'
             rows.append({**dict(zip(by, key)), 'method': method, 'tag': tag, 'seeds': n, 'diff': d.mean(),
                          'lo': lo, 'hi': hi, 'verdict': verdict})
     return pd.DataFrame(rows)
