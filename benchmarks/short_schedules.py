@@ -14,9 +14,9 @@ wrong); both 16×16 digits, batch 64 and 32 (`--size`, `--bs` change that; anoth
 `all_32px`). `--tag NAME --settings "T=1;distill_warmup=0.3"`
 passes other `afd_learner` settings, recorded under NAME; `--paper` builds the paper-faithful learners.
 """
-import ast, csv, time, warnings
+import ast, csv, os, time, warnings
 from pathlib import Path
-import pandas as pd
+import pandas as pd, torch
 from fastcore.script import call_parse
 from fastai.torch_core import set_seed
 from afd_fastai.data import digits_dls
@@ -52,12 +52,12 @@ def one_run(regime, nets, method, epochs, seed, size=16, bs=None, lr=0.05, **set
     return accs, game, time.time() - start
 
 def result_row(regime, nets, method, tag, epochs, seed, accs, game, secs):
-    "One run's CSV row: each network's accuracy (`acc_nets`), the average and the ensemble's, time, AFD's last losses"
+    "One run's CSV row: each network's accuracy (`acc_nets`), the average and the ensemble's, time, AFD's last losses, torch's version"
     return dict(regime=regime, nets=nets, method=method, tag=tag, epochs=epochs, seed=seed,
                 acc_avg=accs.get('acc_avg', next(iter(accs.values()))), acc_ens=accs.get('acc_ens', float('nan')),
                 acc_nets=';'.join(f"{v:.4f}" for k, v in accs.items() if k not in ('acc_avg', 'acc_ens')),
                 seconds=round(secs, 1), d_loss=game.get('d_loss', ''), g_loss=game.get('g_loss', ''),
-                adv_warned=game.get('adv_warned', ''))
+                adv_warned=game.get('adv_warned', ''), torch=torch.__version__) # the same seed retraces its run only under the same torch
 
 def _done(out):
     if not Path(out).exists(): return set()
@@ -65,7 +65,12 @@ def _done(out):
     return set(zip(runs.regime, runs.nets, runs.method, runs.tag, runs.epochs, runs.seed))
 
 def _append(out, row):
+    "Append `row` to the CSV `out`; a file written before a column was added is rewritten whole with it (old rows empty)"
     new = not Path(out).exists()
+    if not new and list(pd.read_csv(out, nrows=0).columns) != list(row):
+        runs = pd.concat([pd.read_csv(out), pd.DataFrame([row])], ignore_index=True)
+        runs.to_csv(f'{out}.partial', index=False); os.replace(f'{out}.partial', out) # a kill meanwhile leaves the old file whole
+        return
     with open(out, 'a', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         if new: w.writeheader()

@@ -39,7 +39,13 @@ def test_benchmark_appends_one_row_per_run_and_skips_finished_ones(tmp_path, cap
     runs = pd.read_csv(tmp_path/'fm.csv')
     assert list(runs.method) == ['vanilla', 'afd'] and set(runs.regime) == {'fm2_holdout'} and runs.acc_avg.between(0, 1).all()
     assert runs.d_loss.isna().tolist() == [True, False] # AFD's last losses are kept
+    assert (runs.torch == torch.__version__).all() # a seed retraces its run only under the same torch
     fashion_mnist.main(**args) # an interrupted sweep continues: finished runs are not run again
     assert len(pd.read_csv(tmp_path/'fm.csv')) == 2
+    runs.drop(columns='torch').to_csv(tmp_path/'fm.csv', index=False) # a file from before the column was added
+    fashion_mnist.main(**{**args, 'methods': 'vanilla,dml'})
+    grown = pd.read_csv(tmp_path/'fm.csv')
+    assert list(grown.method) == ['vanilla', 'afd', 'dml'] and grown.torch.isna().tolist() == [True, True, False]
+    pd.testing.assert_frame_equal(grown.iloc[:2].drop(columns='torch'), runs.drop(columns='torch')) # the old rows kept as they were
     fashion_mnist.main(summary=str(tmp_path/'fm.csv'))
     assert '| fm2_holdout |' in capsys.readouterr().out
