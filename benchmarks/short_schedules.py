@@ -14,7 +14,7 @@ wrong); both 16×16 digits, batch 64 and 32 (`--size`, `--bs` change that; anoth
 `all_32px`). `--tag NAME --settings "T=1;distill_warmup=0.3"`
 passes other `afd_learner` settings, recorded under NAME; `--paper` builds the paper-faithful learners.
 """
-import ast, csv, os, time, warnings
+import ast, csv, time, warnings
 from pathlib import Path
 import pandas as pd, torch
 from fastcore.script import call_parse
@@ -22,7 +22,7 @@ from fastai.torch_core import set_seed
 from afd_fastai.data import digits_dls
 from afd_fastai.learner import afd_learner
 from afd_fastai.callback.adversarial import AdversarialDivergenceWarning
-from afd_fastai.tools.experiment import markdown_table, paired
+from afd_fastai.tools.experiment import markdown_table, paired, _csv_replace
 
 regimes = dict(all=dict(n_per_class=None, label_noise=0., bs=64), # digits_dls' defaults but 16×16
                noisy=dict(n_per_class=20, label_noise=0.4, bs=32)) # the demo's regime
@@ -68,8 +68,7 @@ def _append(out, row):
     "Append `row` to the CSV `out`; a file written before a column was added is rewritten whole with it (old rows empty)"
     new = not Path(out).exists()
     if not new and list(pd.read_csv(out, nrows=0).columns) != list(row):
-        runs = pd.concat([pd.read_csv(out), pd.DataFrame([row])], ignore_index=True)
-        runs.to_csv(f'{out}.partial', index=False); os.replace(f'{out}.partial', out) # a kill meanwhile leaves the old file whole
+        _csv_replace(pd.concat([pd.read_csv(out), pd.DataFrame([row])], ignore_index=True), Path(out)) # atomic: a kill leaves the old file
         return
     with open(out, 'a', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(row))
