@@ -9,7 +9,7 @@ __all__ = ['demo_methods', 'fair_demo_methods', 'data_registry', 'data_sets', 'f
            'estimate_seconds', 'run_experiment']
 
 # %% ../../nbs/30_experiment.ipynb #e0d86867
-import time, contextlib, os, math
+import time, contextlib, os, math, warnings
 from pathlib import Path
 import pandas as pd
 from fastcore.foundation import L
@@ -455,17 +455,23 @@ def _minutes(seconds): return f"{seconds / 60:.1f} minutes" if seconds >= 90 els
 
 def estimate_seconds(spec:RunSpec):
     "Seconds `run_experiment(spec)` will take here, from a few timed training steps of each method"
-    validated = sum((e + 1) % spec.valid_every == 0 or e + 1 == spec.epochs for e in range(spec.epochs))
-    dls, total = spec.dls(0), 0.
+    dls, total, teacher = spec.dls(0), 0., None
+    def steps(epochs): # training steps of a fit of `epochs`, a validation batch counted as a third of a step
+        validated = sum((e + 1) % spec.valid_every == 0 or e + 1 == epochs for e in range(epochs))
+        return epochs * len(dls.train) + validated * len(dls.valid) / 3
     for method in spec.methods:
         nets, kwargs = spec.networks(), spec.learner_kwargs(method)
         if distill_methods[method].offline: nets, kwargs['teacher'] = nets[1:] or nets, resolve_model(nets[0], dls.c)
         learn = afd_learner(dls, nets, method=method, **kwargs)
         if spec.channels_last: learn.to_channelslast(use_amp=False)
         watch = _StepWatch()
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, spec.lr, cbs=watch)
-        run = watch.seconds * (spec.epochs * len(dls.train) + validated * len(dls.valid) / 3)
-        total += len(spec.seeds) * run * (2 if distill_methods[method].offline else 1)
+        with learn.no_bar(), learn.no_logging(), warnings.catch_warnings(): # (FitNet's second stage timed without its first)
+            warnings.filterwarnings('ignore', "FitNet's hint stage has not run")
+            learn.fit(1, spec.lr, cbs=watch)
+        hints = hint_epochs(learn, spec.epochs) # FitNet's first stage, a fit of its own
+        total += len(spec.seeds) * watch.seconds * (steps(spec.epochs) + (steps(hints) if hints else 0))
+        if distill_methods[method].offline: teacher = min(teacher or float('inf'), watch.seconds * steps(spec.epochs))
+    if teacher is not None and spec.teacher is None: total += len(spec.seeds) * teacher # one teacher per seed, its steps as the cheapest offline method's
     return total
 
 # %% ../../nbs/30_experiment.ipynb #8d453b45
