@@ -593,9 +593,11 @@ def training_state(learn):
     "What, beyond weights and optimisers, makes the rest of a fit the same: epoch, random generators, loss scales, callbacks"
     scaler = getattr(learn, 'scaler', None)
     smooth = learn.recorder.smooth_loss
+    val = getattr(smooth, 'val', 0.)
+    if isinstance(val, torch.Tensor): val = val.as_subclass(torch.Tensor) # fastai's typed batches make it a TensorBase, which torch.load refuses
     return dict(epoch=getattr(learn, 'epoch', -1), n_epoch=getattr(learn, 'n_epoch', None), rng=_rng_states(),
                 loaders=[getattr(dl, 'dl', dl).rng.getstate() for dl in learn.dls.loaders], # each loader's shuffle generator
-                scaler=scaler.state_dict() if scaler is not None else None, smooth_loss=(getattr(smooth, 'count', 0), getattr(smooth, 'val', 0.)),
+                scaler=scaler.state_dict() if scaler is not None else None, smooth_loss=(getattr(smooth, 'count', 0), val),
                 callbacks={type(cb).__name__: cb.training_state() for cb in learn.cbs if hasattr(cb, 'training_state')},
                 values=[list(v) for v in learn.recorder.__dict__.get('values', [])], # the metric rows so far (none outside a fit)
                 trackers={type(cb).__name__: {k: getattr(cb, k) for k in ('best', 'wait') if hasattr(cb, k)} # e.g. ReduceLROnPlateau
