@@ -36,7 +36,7 @@ def one_run(n_per_class, nets, method, epochs, seed, bs=64, lr=0.05, holdout=Non
     values = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
     accs = {k: float(v) for k, v in values.items() if k.startswith('acc_')}
     adv = getattr(learn, 'adversarial_feature', None)
-    game = {} if adv is None else dict(d_loss=values['d_loss'], g_loss=values['g_loss'], adv_warned=int(adv.warned))
+    game = {} if adv is None else dict(d_loss=values['d_loss'], g_loss=values['g_loss'], adv_warned=int(adv.warned), adv_warned_at=adv.warned_at)
     return accs, game, time.time() - start
 
 @call_parse

@@ -48,16 +48,19 @@ def one_run(regime, nets, method, epochs, seed, size=16, bs=None, lr=0.05, **set
     values = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
     accs = {k: float(v) for k, v in values.items() if k.startswith('acc_')}
     adv = getattr(learn, 'adversarial_feature', None) # AFD: the last epoch's losses, and whether the guard warned
-    game = {} if adv is None else dict(d_loss=values['d_loss'], g_loss=values['g_loss'], adv_warned=int(adv.warned))
+    game = {} if adv is None else dict(d_loss=values['d_loss'], g_loss=values['g_loss'], adv_warned=int(adv.warned), adv_warned_at=adv.warned_at)
     return accs, game, time.time() - start
 
 def result_row(regime, nets, method, tag, epochs, seed, accs, game, secs):
-    "One run's CSV row: each network's accuracy (`acc_nets`), the average and the ensemble's, time, AFD's last losses, torch's version"
+    "One run's CSV row: each network's accuracy (`acc_nets`), the average and the ensemble's, time, AFD's last losses and guard, torch's version"
     return dict(regime=regime, nets=nets, method=method, tag=tag, epochs=epochs, seed=seed,
                 acc_avg=accs.get('acc_avg', next(iter(accs.values()))), acc_ens=accs.get('acc_ens', float('nan')),
                 acc_nets=';'.join(f"{v:.4f}" for k, v in accs.items() if k not in ('acc_avg', 'acc_ens')),
                 seconds=round(secs, 1), d_loss=game.get('d_loss', ''), g_loss=game.get('g_loss', ''),
-                adv_warned=game.get('adv_warned', ''), torch=torch.__version__) # the same seed retraces its run only under the same torch
+                adv_warned=game.get('adv_warned', ''), adv_warned_at=_round(game.get('adv_warned_at'), 3), # the share of training done when it warned
+                torch=torch.__version__) # the same seed retraces its run only under the same torch
+
+def _round(v, digits): return '' if v is None else round(v, digits)
 
 def _done(out):
     if not Path(out).exists(): return set()
@@ -68,7 +71,9 @@ def _append(out, row):
     "Append `row` to the CSV `out`; a file written before a column was added is rewritten whole with it (old rows empty)"
     new = not Path(out).exists()
     if not new and list(pd.read_csv(out, nrows=0).columns) != list(row):
-        _csv_replace(pd.concat([pd.read_csv(out), pd.DataFrame([row])], ignore_index=True), Path(out)) # atomic: a kill leaves the old file
+        old = pd.read_csv(out, dtype=str, keep_default_na=False) # as written: an integer column stays integer
+        grown = pd.concat([old, pd.DataFrame([{k: '' if v is None else str(v) for k, v in row.items()}])], ignore_index=True)
+        _csv_replace(grown[list(row) + [c for c in old.columns if c not in row]], Path(out)) # atomic: a kill leaves the old file
         return
     with open(out, 'a', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(row))

@@ -42,10 +42,16 @@ def test_benchmark_appends_one_row_per_run_and_skips_finished_ones(tmp_path, cap
     assert (runs.torch == torch.__version__).all() # a seed retraces its run only under the same torch
     fashion_mnist.main(**args) # an interrupted sweep continues: finished runs are not run again
     assert len(pd.read_csv(tmp_path/'fm.csv')) == 2
-    runs.drop(columns='torch').to_csv(tmp_path/'fm.csv', index=False) # a file from before the column was added
+    assert runs.adv_warned.tolist()[1] in (0, 1) and runs.adv_warned_at.isna().tolist()[0] # when the guard warned (empty: never)
+    new_cols = ['adv_warned_at', 'torch'] # columns a file from before them lacks
+    old = pd.read_csv(tmp_path/'fm.csv', dtype=str, keep_default_na=False).drop(columns=new_cols)
+    old.to_csv(tmp_path/'fm.csv', index=False)
     fashion_mnist.main(**{**args, 'methods': 'vanilla,dml'})
     grown = pd.read_csv(tmp_path/'fm.csv')
+    assert list(grown.columns) == list(runs.columns) # the file takes the rows' columns, in their order: later rows append
     assert list(grown.method) == ['vanilla', 'afd', 'dml'] and grown.torch.isna().tolist() == [True, True, False]
-    pd.testing.assert_frame_equal(grown.iloc[:2].drop(columns='torch'), runs.drop(columns='torch')) # the old rows kept as they were
+    kept = pd.read_csv(tmp_path/'fm.csv', dtype=str, keep_default_na=False).iloc[:2]
+    pd.testing.assert_frame_equal(kept[old.columns], old) # the old rows kept as written (an integer column stays integer)
+    assert (kept[new_cols] == '').all().all()
     fashion_mnist.main(summary=str(tmp_path/'fm.csv'))
     assert '| fm2_holdout |' in capsys.readouterr().out

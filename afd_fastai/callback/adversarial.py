@@ -100,7 +100,7 @@ class DivergenceWatch:
     "Mixed into the adversarial callback: counts the batches in a row the discriminators win outright, warns once per fit at `patience`"
     def start_watch(self, n_edges:int, n_students:int):
         "A fit starts: nothing counted, nothing warned"
-        self.losing,self.warned,self.n_edges,self.n_students = 0,False,n_edges,n_students
+        self.losing,self.warned,self.warned_at,self.n_edges,self.n_students = 0,False,None,n_edges,n_students
     @property
     def diverging(self):
         "Whether the discriminators have won outright for `patience` batches in a row"
@@ -110,13 +110,13 @@ class DivergenceWatch:
         d, g = d / self.n_edges, g / self.n_students
         self.losing = self.losing + 1 if d < self.win_d and g > self.win_g else 0
         if not self.diverging or self.warned: return
-        self.warned = True
+        self.warned,self.warned_at = True,self.pct_train # the share of training done when the warning came
         warnings.warn(
             f"The discriminators have won outright for {self.losing} batches (epoch {self.epoch}, batch {self.iter}: "
             f"d_loss {d:.3f} per edge, g_loss {g:.3f} per network): the feature extractors get no useful adversarial "
             f"signal. Lower adv_lr (now {self.schedule(self.pct_train) * self.lr_scale:.3g}), raise adv_weight, or add "
             "AdversarialBackoff() to the callbacks to back the adversarial lr off automatically.", AdversarialDivergenceWarning)
-    def watch_state(self): return dict(losing=self.losing, warned=self.warned)
+    def watch_state(self): return dict(losing=self.losing, warned=self.warned, warned_at=self.warned_at)
 
 def discriminator_edges(model, topology):
     "The (teacher, student) edges of `model`'s discriminators, which must be those of `topology`; a clear error otherwise"
@@ -217,7 +217,7 @@ class AdversarialFeatureCallback(DivergenceWatch, LossColumns, SecondOptimizer):
         return None if state is None else dict(state, **self.watch_state())
     def restore(self, state):
         super().restore(state)
-        self.losing,self.warned = state['losing'],state['warned']
+        self.losing,self.warned,self.warned_at = state['losing'],state['warned'],state.get('warned_at') # (older checkpoints: no warned_at)
 
     def __getstate__(self): return {**super().__getstate__(), 'gen': None, 'disc': None}
 
