@@ -2,6 +2,7 @@
 import re, subprocess, sys
 from pathlib import Path
 import pandas as pd
+import torch
 import pytest
 
 root = Path(__file__).parents[1]
@@ -57,6 +58,7 @@ def test_short_run_writes_tables(tmp_path):
     assert list(runs['seed']) == [0, 1, 0, 1, 0, 1]
     assert {'acc_resnet20', 'acc_wrn16_2', 'acc_avg', 'acc_ens', 'd_loss', 'g_loss'} <= set(runs.columns)
     assert runs['d_loss'].isna().tolist() == [True] * 4 + [False] * 2 # only AFD has discriminators
+    assert 'adv_warned_at' in runs and runs.torch.eq(torch.__version__).all() # when AFD's guard warned (empty: never), and under which torch
     md = (tmp_path/'res'/'results.md').read_text()
     assert 'Regime: digits 16×16, 5 training images per class' in md
     assert md in res.stdout

@@ -163,7 +163,7 @@ def make_dls(data:str='digits', data_path=None, bs:int=None, seed:int=0, **optio
 
 # %% ../../nbs/30_experiment.ipynb #730cbd08
 def _result_row(learn, method, seed, seconds, paper=None):
-    "One run's results: each metric at the last epoch, each accuracy at its best epoch (`best_...`), the paper's (`paper_...`), torch's version"
+    "One run's results: each metric at the last epoch, each accuracy at its best epoch (`best_...`), the paper's (`paper_...`), AFD's guard, torch's version"
     names = [m.name for m in learn.metrics]
     epochs = [v[2:] for v in learn.recorder.values] # after train and valid loss
     num = lambda v: float('nan') if v is None else float(v)
@@ -171,6 +171,8 @@ def _result_row(learn, method, seed, seconds, paper=None):
     best = lambda vals: max((v for v in vals if v == v), default=float('nan')) # over the validated epochs
     row.update({f'best_{n}': best(num(e[i]) for e in epochs) for i, n in enumerate(names) if n.startswith('acc_')})
     row.update({f'paper_{c}': v for c, v in (paper or {}).items()})
+    if (adv := getattr(learn, 'adversarial_feature', None)) is not None: # when AFD's divergence guard warned (NaN: never)
+        row['adv_warned_at'] = float('nan') if adv.warned_at is None else round(adv.warned_at, 3)
     return dict(row, torch=torch.__version__, seconds=round(seconds, 1)) # a seed retraces its run only under the same torch
 
 def _is_nan(v):
