@@ -97,7 +97,7 @@ def add_adversaries(model:PeerModel, topology='mutual', hidden:int=None, leak:fl
 
 # %% ../../nbs/11_adversarial.ipynb #800f8e8b
 class DivergenceWatch:
-    "Mixed into the adversarial callback: counts the batches in a row the discriminators win outright, warns once per fit at `patience`"
+    "Mixed into the adversarial callback: counts the batches in a row the discriminators win outright after the warm-up, warns once per fit at `patience`"
     def start_watch(self, n_edges:int, n_students:int):
         "A fit starts: nothing counted, nothing warned"
         self.losing,self.warned,self.warned_at,self.n_edges,self.n_students = 0,False,None,n_edges,n_students
@@ -106,9 +106,10 @@ class DivergenceWatch:
         "Whether the discriminators have won outright for `patience` batches in a row"
         return getattr(self, 'losing', 0) >= self.patience
     def watch(self, d:float, g:float): # this batch's d_loss and g_loss, summed over edges and networks
-        "Count this batch: `d_loss` per edge below `win_d` while `g_loss` per network is above `win_g`"
+        "Count this batch: `d_loss` per edge below `win_d` while `g_loss` per network is above `win_g`, after the warm-up"
         d, g = d / self.n_edges, g / self.n_students
-        self.losing = self.losing + 1 if d < self.win_d and g > self.win_g else 0
+        warming_up = self.ramp() < 1 # the students' adversarial weight still ramping up: they barely answer, a won game is expected
+        self.losing = self.losing + 1 if d < self.win_d and g > self.win_g and not warming_up else 0
         if not self.diverging or self.warned: return
         self.warned,self.warned_at = True,self.pct_train # the share of training done when the warning came
         warnings.warn(
