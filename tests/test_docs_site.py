@@ -1,5 +1,5 @@
 "The docs site, built by `afd_docs`'s code, served on localhost and read in headless Chromium"
-import functools, re, shutil, threading, urllib.request
+import fcntl, functools, json, os, re, shutil, threading, urllib.request
 from http.server import ThreadingHTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urljoin, urldefrag, urlparse
@@ -25,12 +25,23 @@ def _chromium():
 class _Quiet(SimpleHTTPRequestHandler):
     def log_message(self, *args): pass
 
+def _built_site(tmp_path_factory):
+    "The site's folder and pages, built once per test run: pytest-xdist's workers share one build, made under a lock"
+    from afd_fastai.tools.docs import build_site
+    if 'PYTEST_XDIST_WORKER' not in os.environ: # one process
+        dest = tmp_path_factory.mktemp('site')
+        return dest, build_site(dest)
+    shared = tmp_path_factory.getbasetemp().parent # this run's folder, the same for every worker
+    dest, listed = shared/'site', shared/'site_pages.json'
+    with open(shared/'site.lock', 'w') as lock: # the build writes the repository's _proc and _docs_src: one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not listed.exists(): listed.write_text(json.dumps(build_site(dest)))
+    return dest, [tuple(p) for p in json.loads(listed.read_text())]
+
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
     "The site built into a temporary folder and served on a free localhost port"
-    from afd_fastai.tools.docs import build_site
-    dest = tmp_path_factory.mktemp('site')
-    pages = build_site(dest)
+    dest, pages = _built_site(tmp_path_factory)
     server = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_Quiet, directory=str(dest)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{server.server_port}/', dest, pages
