@@ -457,7 +457,7 @@ def _minutes(seconds): return f"{seconds / 60:.1f} minutes" if seconds >= 90 els
 
 def estimate_seconds(spec:RunSpec):
     "Seconds `run_experiment(spec)` will take here, from a few timed training steps of each method"
-    dls, total, teacher = spec.dls(0), 0., None
+    dls, total, offline = spec.dls(0), 0., [] # offline: each offline method's run, the cheapest standing in for its teacher's
     def steps(epochs): # training steps of a fit of `epochs`, a validation batch counted as a third of a step
         validated = sum((e + 1) % spec.valid_every == 0 or e + 1 == epochs for e in range(epochs))
         return epochs * len(dls.train) + validated * len(dls.valid) / 3
@@ -472,8 +472,8 @@ def estimate_seconds(spec:RunSpec):
             learn.fit(1, spec.lr, cbs=watch)
         hints = hint_epochs(learn, spec.epochs) # FitNet's first stage, a fit of its own
         total += len(spec.seeds) * watch.seconds * (steps(spec.epochs) + (steps(hints) if hints else 0))
-        if distill_methods[method].offline: teacher = min(teacher or float('inf'), watch.seconds * steps(spec.epochs))
-    if teacher is not None and spec.teacher is None: total += len(spec.seeds) * teacher # one teacher per seed, its steps as the cheapest offline method's
+        if distill_methods[method].offline: offline.append(watch.seconds * steps(spec.epochs))
+    if offline and spec.teacher is None: total += len(spec.seeds) * min(offline) # one teacher per seed
     return total
 
 # %% ../../nbs/30_experiment.ipynb #8d453b45
