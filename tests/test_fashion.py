@@ -55,3 +55,28 @@ def test_benchmark_appends_one_row_per_run_and_skips_finished_ones(tmp_path, cap
     assert (kept[new_cols] == '').all().all()
     fashion_mnist.main(summary=str(tmp_path/'fm.csv'))
     assert '| fm2_holdout |' in capsys.readouterr().out
+    assert not (tmp_path/'fm_checkpoints').exists() # each run's checkpoint goes once its row is written
+
+def test_benchmark_resumes_an_interrupted_run_as_if_uninterrupted(tmp_path):
+    "Cut in its second epoch, a benchmark run started again continues from its checkpoint and ends with the same results"
+    import sys
+    from pathlib import Path
+    from fastai.callback.core import Callback
+    sys.path.insert(0, str(Path(__file__).parents[1]/'benchmarks'))
+    import fashion_mnist
+    class PowerCut(Callback):
+        def after_batch(self):
+            if self.epoch == 1 and self.iter == 1: raise RuntimeError('power cut')
+    run = lambda ckpt, cbs=(): fashion_mnist.one_run(2, ['resnet20', 'resnet20'], 'afd', 3, 0, bs=10, holdout=2, checkpoint=ckpt, cbs=cbs)
+    whole = run(tmp_path/'whole'/'run.pth')
+    with pytest.raises(RuntimeError, match='power cut'): run(tmp_path/'cut'/'run.pth', [PowerCut()])
+    assert (tmp_path/'cut'/'run.pth').exists()
+    class Steps(Callback):
+        n = 0
+        def after_batch(self): self.n += self.training
+    steps = Steps()
+    resumed = run(tmp_path/'cut'/'run.pth', [steps])
+    assert steps.n == 2 * 2, steps.n # epochs 1 and 2 (2 batches each); epoch 0 came from the checkpoint
+    assert resumed[:2] == whole[:2], (resumed, whole) # every accuracy and AFD's last losses
+    restarted = run(None) # without the checkpoint: the same run from the start
+    assert restarted[:2] == whole[:2]

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['demo_methods', 'fair_demo_methods', 'data_registry', 'data_sets', 'fair_data_sets', 'DataSet', 'data_set',
-           'regime_of', 'resolve_settings', 'make_dls', 'ValidateEvery', 'train_teacher', 'RunSpec', 'train_one',
-           'summarise', 'markdown_table', 'paired', 'per_network', 'paired_ci', 'describe_regime', 'describe_settings',
-           'estimate_seconds', 'run_experiment']
+           'regime_of', 'resolve_settings', 'make_dls', 'ValidateEvery', 'train_teacher', 'FitClock', 'RunSpec',
+           'train_one', 'summarise', 'markdown_table', 'paired', 'per_network', 'paired_ci', 'describe_regime',
+           'describe_settings', 'estimate_seconds', 'run_experiment']
 
 # %% ../../nbs/30_experiment.ipynb #e0d86867
 import time, contextlib, os, math, warnings
@@ -272,6 +272,18 @@ def _adv_lr(method, adv_lr):
     "`adv_lr` as a setting, for the methods that have one (a run's other methods have no second optimiser)"
     return distill_methods[method].applicable(adv_lr=adv_lr)
 
+# %% ../../nbs/30_experiment.ipynb #2230a108
+class FitClock(Callback):
+    "The seconds a fit trained (`seconds`), those before an interruption included when `CheckpointCallback` resumes it"
+    order = TrackerCallback.order - 1 # before `CheckpointCallback`, which puts back the seconds of the epochs done before
+    def __init__(self, timer=time.time): self.timer,self.before,self.start = timer,0.,None
+    @property
+    def seconds(self): return self.before + (0. if self.start is None else self.timer() - self.start)
+    def before_fit(self): self.before,self.start = 0.,self.timer()
+    def after_fit(self): self.before,self.start = self.seconds,None # the clock stops with the fit
+    def training_state(self): return dict(seconds=self.seconds) # saved in each checkpoint
+    def load_training_state(self, state): self.before,self.start = state['seconds'],self.timer()
+
 # %% ../../nbs/30_experiment.ipynb #64e0da86
 class RunSpec:
     "What an experiment trains: networks, methods, data and its options, schedule, seeds and method settings; the data set's regime fills in what is not given"
@@ -336,15 +348,18 @@ def train_one(spec:RunSpec, method:str, seed:int=0, progress:bool=True,
     learn = afd_learner(spec.dls(seed), models, method=method, **kwargs)
     if spec.channels_last: learn.to_channelslast(use_amp=False)
     if out is not None: learn.path = Path(out)
-    saved = lambda name: list(cbs) + ([CheckpointCallback(name, resume=resume)] if out is not None else [])
+    clocks = [] # one per fit: the seconds of each, those before an interruption included
+    def saved(name):
+        clocks.append(FitClock())
+        return list(cbs) + [clocks[-1]] + ([CheckpointCallback(name, resume=resume)] if out is not None else [])
     set_seed(seed, reproducible=True) # the same augmentation and sampling draws for every method: building a method's
-    start = time.time()                # modules drew from the generators
+                                       # modules drew from the generators
     with _quiet(learn, progress), _data_parallel(learn):
         if hints := hint_epochs(learn, spec.epochs): # FitNet's first stage, a fit of its own
             with hint_stage(learn): spec.fit(learn, saved(f'{method}_seed{seed}_hints'), hints)
         spec.fit(learn, saved(f'{method}_seed{seed}'))
     paper_cols = spec.preset.paper_columns(learn.names) if spec.preset is not None else None
-    return learn, _result_row(learn, method, seed, time.time() - start, paper_cols)
+    return learn, _result_row(learn, method, seed, sum(c.seconds for c in clocks), paper_cols)
 
 # %% ../../nbs/30_experiment.ipynb #01a62a49
 def summarise(runs:pd.DataFrame):
