@@ -62,6 +62,14 @@ def result_row(regime, nets, method, tag, epochs, seed, accs, game, secs):
 
 def _round(v, digits): return '' if v is None else round(v, digits)
 
+comparison = ('regime', 'nets', 'epochs', 'torch') # what one paired comparison shares: a seed retraces its run only under one torch
+
+def read_runs(file):
+    "The rows of a results file, `torch` 'not recorded' in rows from before the column"
+    runs = pd.read_csv(file)
+    runs['torch'] = runs.torch.fillna('not recorded') if 'torch' in runs else 'not recorded'
+    return runs
+
 def _done(out):
     if not Path(out).exists(): return set()
     runs = pd.read_csv(out)
@@ -95,7 +103,7 @@ def main(regime:str='noisy', # 'all' images with clean labels, or the demo's 'no
          out:str='short_schedules.csv', # results, one row per run (appended)
          summary:str=None): # print the tables of this results file and stop
     if summary:
-        print(markdown_table(paired(pd.read_csv(summary))))
+        print(markdown_table(paired(read_runs(summary), by=comparison)))
         return
     extra = parse_settings(settings)
     if paper: extra['paper'] = True

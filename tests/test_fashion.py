@@ -54,7 +54,8 @@ def test_benchmark_appends_one_row_per_run_and_skips_finished_ones(tmp_path, cap
     pd.testing.assert_frame_equal(kept[old.columns], old) # the old rows kept as written (an integer column stays integer)
     assert (kept[new_cols] == '').all().all()
     fashion_mnist.main(summary=str(tmp_path/'fm.csv'))
-    assert '| fm2_holdout |' in capsys.readouterr().out
+    printed = capsys.readouterr().out # each torch's runs paired among themselves (a seed retraces its run only under one torch)
+    assert '| fm2_holdout | resnet20,wrn16_2 | 1 | not recorded | afd |' in printed and f'| {torch.__version__} | dml |' in printed
     assert not (tmp_path/'fm_checkpoints').exists() # each run's checkpoint goes once its row is written
 
 def test_benchmark_resumes_an_interrupted_run_as_if_uninterrupted(tmp_path):

@@ -380,17 +380,28 @@ def markdown_table(df:pd.DataFrame):
     return '\n'.join(lines)
 
 # %% ../../nbs/30_experiment.ipynb #ffc4abbf
-def paired(runs:pd.DataFrame, col:str='acc_avg', # runs with columns regime, nets, epochs, method, tag, seed and `col`
-           base=('vanilla', 'default')): # the (method, tag) every other row is compared with, seed by seed
-    "Per regime, networks and length: each (method, tag)'s mean ± std of `col` and its paired difference to `base`"
+def _one_per_seed(g, key, by):
+    "Refuse a comparison where a method (and tag) has two runs of one seed: the pairs would be made across both, silently"
+    twice = g[g.duplicated(['method', 'tag', 'seed'], keep=False)]
+    if len(twice):
+        m, t, s = twice[['method', 'tag', 'seed']].iloc[0]
+        where = ', '.join(f'{k}={v}' for k, v in zip(by, key if isinstance(key, tuple) else (key,)))
+        raise ValueError(f"{len(twice)} runs of {m} ({t}), seed {s}{' in ' + where if where else ''}: a paired comparison takes one "
+                         f"run per method and seed; keep one, or tell them apart with a column in `by` (e.g. 'torch')")
+
+def paired(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, method, tag, seed and `col`
+           base=('vanilla', 'default'), # the (method, tag) every other row is compared with, seed by seed
+           by=('regime', 'nets', 'epochs')): # the columns that make one comparison
+    "Per comparison (regime, networks and length): each (method, tag)'s mean ± std of `col` and its paired difference to `base`"
     rows = []
-    for (regime, nets, epochs), g in runs.groupby(['regime', 'nets', 'epochs'], sort=False):
+    for key, g in runs.groupby(list(by), sort=False):
+        _one_per_seed(g, key, by)
         ref = g[(g.method == base[0]) & (g.tag == base[1])].set_index('seed')[col]
         for (method, tag), r in g.groupby(['method', 'tag'], sort=False):
             r = r.set_index('seed')[col]
             d = (r - ref).dropna() * 100
             is_base = (method, tag) == tuple(base)
-            rows.append(dict(regime=regime, nets=nets, epochs=epochs, method=method, tag=tag, seeds=len(r),
+            rows.append(dict(**dict(zip(by, key)), method=method, tag=tag, seeds=len(r),
                              acc=f"{100 * r.mean():.1f} ± {100 * r.std(ddof=0):.1f}",
                              diff='' if is_base or not len(d) else f"{d.mean():+.1f} ± {d.std(ddof=0):.1f}",
                              worse='' if is_base or not len(d) else int((d < 0).sum())))
@@ -419,6 +430,7 @@ def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, me
     up, down = ('worse', 'better') if lower_is_better else ('better', 'worse')
     rows = []
     for key, g in runs.groupby(list(by), sort=False) if by else [((), runs)]:
+        _one_per_seed(g, key, by)
         ref = g[(g.method == base[0]) & (g.tag == base[1])].set_index('seed')[col]
         for (method, tag), r in g.groupby(['method', 'tag'], sort=False):
             if (method, tag) == tuple(base): continue
