@@ -385,8 +385,9 @@ def _one_per_seed(g, key, by):
     twice = g[g.duplicated(['method', 'tag', 'seed'], keep=False)]
     if len(twice):
         m, t, s = twice[['method', 'tag', 'seed']].iloc[0]
+        n = ((g.method == m) & (g.tag == t) & (g.seed == s)).sum()
         where = ', '.join(f'{k}={v}' for k, v in zip(by, key if isinstance(key, tuple) else (key,)))
-        raise ValueError(f"{len(twice)} runs of {m} ({t}), seed {s}{' in ' + where if where else ''}: a paired comparison takes one "
+        raise ValueError(f"{n} runs of {m} ({t}), seed {s}{' in ' + where if where else ''}: a paired comparison takes one "
                          f"run per method and seed; keep one, or tell them apart with a column in `by` (e.g. 'torch')")
 
 def paired(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, method, tag, seed and `col`
