@@ -439,7 +439,7 @@ def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, me
             n = len(d)
             half = stats.t.ppf((1 + level) / 2, n - 1) * d.std(ddof=1) / n ** 0.5 if n > 1 else float('inf')
             lo, hi = d.mean() - half, d.mean() + half
-            verdict = 'too few seeds' if n < 2 else down if hi < 0 else up if lo > 0 else 'within noise'
+            verdict = f'no {base[0]} run of its seeds' if n == 0 else 'too few seeds' if n < 2 else down if hi < 0 else up if lo > 0 else 'within noise'
             rows.append({**dict(zip(by, key)), 'method': method, 'tag': tag, 'seeds': n, 'diff': d.mean(),
                          'lo': lo, 'hi': hi, 'verdict': verdict})
     return pd.DataFrame(rows)
