@@ -37,8 +37,9 @@ def one_run(n_per_class, nets, method, epochs, seed, bs=64, lr=0.05, holdout=Non
     learn = afd_learner(dls, list(nets), method=method, **settings).to_channelslast(use_amp=False)
     clock, saved = FitClock(), []
     if checkpoint is not None:
-        learn.path, learn.model_dir = Path(checkpoint).parent, '.'
-        saved = [CheckpointCallback(Path(checkpoint).stem, resume=True)]
+        checkpoint = Path(checkpoint)
+        learn.path, learn.model_dir = checkpoint.parent, '.'
+        saved = [CheckpointCallback(checkpoint.stem, resume=True)]
     set_seed(seed, reproducible=True) # the same augmentation draws for every method
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=[ValidateEvery(epochs), clock, *saved, *cbs])
     values = dict(zip([m.name for m in learn.metrics], learn.recorder.values[-1][2:]))
