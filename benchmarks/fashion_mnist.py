@@ -24,9 +24,9 @@ import fastai.callback.channelslast # Learner.to_channelslast
 import pandas as pd
 from afd_fastai.data import fashion_mnist_dls
 from afd_fastai.learner import afd_learner, CheckpointCallback
-from afd_fastai.tools.experiment import FitClock, ValidateEvery, markdown_table, paired, paired_ci
+from afd_fastai.tools.experiment import FitClock, ValidateEvery, markdown_table, paired, paired_ci, read_runs, comparison_cols
 from afd_fastai.callback.adversarial import AdversarialDivergenceWarning
-from short_schedules import parse_settings, result_row, read_runs, comparison, _append, _done
+from short_schedules import parse_settings, result_row, _append, _done
 
 def one_run(n_per_class, nets, method, epochs, seed, bs=64, lr=0.05, holdout=None,
             checkpoint=None, # file: saved after every epoch, and resumed from if it exists (None: no checkpoint)
@@ -66,8 +66,8 @@ def main(n_per_class:int=100, # training images per class (0: all 6,000)
     "Fashion-MNIST runs, one CSV row each"
     if summary:
         runs = read_runs(summary)
-        print(markdown_table(paired(runs, by=comparison)))
-        print(markdown_table(paired_ci(runs, by=comparison).round(2)))
+        print(markdown_table(paired(runs, by=comparison_cols)))
+        print(markdown_table(paired_ci(runs, by=comparison_cols).round(2)))
         return
     extra = parse_settings(settings)
     if paper: extra['paper'] = True

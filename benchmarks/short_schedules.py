@@ -22,7 +22,7 @@ from fastai.torch_core import set_seed
 from afd_fastai.data import digits_dls
 from afd_fastai.learner import afd_learner
 from afd_fastai.callback.adversarial import AdversarialDivergenceWarning
-from afd_fastai.tools.experiment import markdown_table, paired, _csv_replace
+from afd_fastai.tools.experiment import markdown_table, paired, read_runs, comparison_cols, _csv_replace
 
 regimes = dict(all=dict(n_per_class=None, label_noise=0., bs=64), # digits_dls' defaults but 16×16
                noisy=dict(n_per_class=20, label_noise=0.4, bs=32)) # the demo's regime
@@ -62,14 +62,6 @@ def result_row(regime, nets, method, tag, epochs, seed, accs, game, secs):
 
 def _round(v, digits): return '' if v is None else round(v, digits)
 
-comparison = ('regime', 'nets', 'epochs', 'torch') # what one paired comparison shares: a seed retraces its run only under one torch
-
-def read_runs(file):
-    "The rows of a results file, `torch` 'not recorded' in rows from before the column"
-    runs = pd.read_csv(file)
-    runs['torch'] = runs.torch.fillna('not recorded') if 'torch' in runs else 'not recorded'
-    return runs
-
 def _done(out):
     if not Path(out).exists(): return set()
     runs = pd.read_csv(out)
@@ -103,7 +95,7 @@ def main(regime:str='noisy', # 'all' images with clean labels, or the demo's 'no
          out:str='short_schedules.csv', # results, one row per run (appended)
          summary:str=None): # print the tables of this results file and stop
     if summary:
-        print(markdown_table(paired(read_runs(summary), by=comparison)))
+        print(markdown_table(paired(read_runs(summary), by=comparison_cols)))
         return
     extra = parse_settings(settings)
     if paper: extra['paper'] = True
