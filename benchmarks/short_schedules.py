@@ -63,8 +63,10 @@ def result_row(regime, nets, method, tag, epochs, seed, accs, game, secs):
 def _round(v, digits): return '' if v is None else round(v, digits)
 
 def _done(out):
+    "The runs `out` holds under this torch (a seed retraces its run only under the same torch, so one made under another is not done)"
     if not Path(out).exists(): return set()
-    runs = pd.read_csv(out)
+    runs = read_runs(out)
+    runs = runs[runs.torch == torch.__version__]
     return set(zip(runs.regime, runs.nets, runs.method, runs.tag, runs.epochs, runs.seed))
 
 def _append(out, row):

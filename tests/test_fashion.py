@@ -46,16 +46,20 @@ def test_benchmark_appends_one_row_per_run_and_skips_finished_ones(tmp_path, cap
     new_cols = ['adv_warned_at', 'torch'] # columns a file from before them lacks
     old = pd.read_csv(tmp_path/'fm.csv', dtype=str, keep_default_na=False).drop(columns=new_cols)
     old.to_csv(tmp_path/'fm.csv', index=False)
-    fashion_mnist.main(**{**args, 'methods': 'vanilla,dml'})
+    fashion_mnist.main(**{**args, 'methods': 'vanilla,dml'}) # vanilla again: its row's torch is not recorded, so not this one
     grown = pd.read_csv(tmp_path/'fm.csv')
     assert list(grown.columns) == list(runs.columns) # the file takes the rows' columns, in their order: later rows append
-    assert list(grown.method) == ['vanilla', 'afd', 'dml'] and grown.torch.isna().tolist() == [True, True, False]
+    assert list(grown.method) == ['vanilla', 'afd', 'vanilla', 'dml'] and grown.torch.isna().tolist() == [True, True, False, False]
     kept = pd.read_csv(tmp_path/'fm.csv', dtype=str, keep_default_na=False).iloc[:2]
     pd.testing.assert_frame_equal(kept[old.columns], old) # the old rows kept as written (an integer column stays integer)
     assert (kept[new_cols] == '').all().all()
     fashion_mnist.main(summary=str(tmp_path/'fm.csv'))
     printed = capsys.readouterr().out # each torch's runs paired among themselves (a seed retraces its run only under one torch)
     assert '| fm2_holdout | resnet20,wrn16_2 | 1 | not recorded | afd |' in printed and f'| {torch.__version__} | dml |' in printed
+    grown.loc[3, 'torch'] = '0.0-another' # dml made under another torch: run again under this one
+    grown.to_csv(tmp_path/'fm.csv', index=False)
+    fashion_mnist.main(**{**args, 'methods': 'vanilla,dml'})
+    assert list(pd.read_csv(tmp_path/'fm.csv').method) == ['vanilla', 'afd', 'vanilla', 'dml', 'dml']
     assert not (tmp_path/'fm_checkpoints').exists() # each run's checkpoint goes once its row is written
 
 def test_benchmark_resumes_an_interrupted_run_as_if_uninterrupted(tmp_path):
