@@ -109,13 +109,17 @@ class _StepProbe:
     def param_groups(self): return self.opt.param_groups
     def step(self, *args, **kwargs): self.stepped = True; self.opt.step()
 
+def _trains_in_fp16(learn):
+    "Whether `learn` trains under fastai's `MixedPrecision` in fp16 (`to_fp16`), not bf16"
+    mp = getattr(learn, 'mixed_precision', None)
+    mode = getattr(mp, 'amp_mode', 'fp16') # fastai's `AMPMode` (whose `str` is 'AMPMode.FP16'), or a string
+    return mp is not None and getattr(mode, 'value', mode) == 'fp16'
+
 def second_scaler(learn, loss_scale:float=None):
     "A `GradScaler` for a second optimiser's gradients where `learn` trains in fp16 on a GPU (`loss_scale`: one of that initial scale; 0: none)"
     device = next(learn.model.parameters()).device.type
     if loss_scale is not None: return torch.amp.GradScaler(device, init_scale=loss_scale) if loss_scale else None
-    mp = getattr(learn, 'mixed_precision', None)
-    fp16 = mp is not None and str(getattr(mp, 'amp_mode', '')).endswith('fp16') and device == 'cuda'
-    return torch.amp.GradScaler('cuda') if fp16 else None
+    return torch.amp.GradScaler('cuda') if device == 'cuda' and _trains_in_fp16(learn) else None
 
 # %% ../nbs/06_optim.ipynb #4b2d8e23
 class SecondOptimizer(Callback):
