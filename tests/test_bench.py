@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 from fastai.torch_core import set_seed
-from afd_fastai.tools.bench import random_dls, bench_learner, PlainLoop, main
+from afd_fastai.tools.bench import random_dls, bench_learner, PlainLoop, peak_memory, main
 from afd_fastai.models import resnet20, wrn16_2
 from fastai.callback.core import Callback
 import fastai.callback.channelslast # Learner.to_channelslast
@@ -73,6 +73,15 @@ def test_afd_bench_writes_its_tables(tmp_path, capsys):
     md = (tmp_path/'bench'/'bench.md').read_text()
     assert 'library ÷ plain' in md and '÷ vanilla (library)' in md and 'resnet20 + resnet20, batch 8' in md
     assert md in capsys.readouterr().out
+
+def test_peak_memory_side_by_side_is_each_alone():
+    "The memory processes run together, each measuring its own peak: the figures are those of each run alone, in order"
+    base = dict(models=['resnet20', 'resnet20'], bs=8, size=16, device='cpu', precision='fp32', channels_last=False,
+                paper=False, lr=0.05, warmup=1, steps=2, compile=False)
+    configs = [dict(method='vanilla', impl='library', **base), dict(method='afd', impl='plain', **base)]
+    alone, together = [peak_memory([c])[0] for c in configs], peak_memory(configs)
+    assert alone[1] > alone[0] * 1.1 # afd's discriminators and plain loop: more than vanilla, distinguishable
+    assert all(abs(t - a) < 0.08 * a for a, t in zip(alone, together)), (alone, together)
 
 @pytest.mark.parametrize('args,message', [
     (['--precision', 'fp16', '--device', 'cpu'], 'needs a CUDA device'),

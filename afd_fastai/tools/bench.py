@@ -215,12 +215,17 @@ def peak_memory_child(config:dict):
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == 'cuda' else _proc_status('VmHWM') - base)
     print(json.dumps({'peak_mib': peak}))
 
-def peak_memory(**config):
-    "Peak memory (MiB) of one configuration, measured in a fresh process (`peak_memory_child`)"
+def peak_memory(configs:list):
+    "Peak memory (MiB) of each configuration, each measured in a fresh process of its own (`peak_memory_child`), side by side"
     code = "import sys, json; from afd_fastai.tools.bench import peak_memory_child; peak_memory_child(json.loads(sys.argv[1]))"
-    res = subprocess.run([sys.executable, '-c', code, json.dumps(config)], capture_output=True, text=True)
-    if res.returncode: raise RuntimeError(f"Measuring the memory of {config['method']} ({config['impl']}) failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])['peak_mib']
+    procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in configs]
+    peaks = []
+    for config, proc in zip(configs, procs):
+        out, err = proc.communicate()
+        if proc.returncode: raise RuntimeError(f"Measuring the memory of {config['method']} ({config['impl']}) failed:\n{err[-2000:]}")
+        peaks.append(json.loads(out.strip().splitlines()[-1])['peak_mib'])
+    return peaks
 
 # %% ../../nbs/33_bench.ipynb #14a09ba9
 _precisions = ('fp32', 'fp16', 'bf16')
@@ -264,9 +269,9 @@ def run_bench(models=('resnet32', 'wrn16_4'), # networks trained together (zoo n
             times[(m, impl)].append(_run(b, impl, lr, bs, steps, warmup))
         if progress: print(f"round {r + 1}/{rounds}: " + ', '.join(f"{m} {impl} {t[-1]:.3f}" for (m, impl), t in times.items()) + " s/step", flush=True)
     rows = []
-    for (m, impl), t in times.items():
+    peaks = peak_memory([dict(method=m, impl=impl, **config) for m, impl in times]) if memory else [float('nan')] * len(times)
+    for ((m, impl), t), peak in zip(times.items(), peaks):
         sec = statistics.median(t)
-        peak = peak_memory(method=m, impl=impl, **config) if memory else float('nan')
         rows.append(dict(method=m, impl=impl, s_per_step=sec, images_per_s=bs / sec, peak_mib=peak, rounds=rounds, steps=steps))
     df = pd.DataFrame(rows)
     df.attrs.update(what=(f"{' + '.join(models)}, batch {bs}, {size}×{size}, {precision}{', channels last' if channels_last else ''}{', compiled' if compile else ''}"
