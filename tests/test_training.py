@@ -3,6 +3,7 @@ import math, warnings
 import pytest, torch
 from fastai.learner import load_learner
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
 from afd_fastai.all import *
 
 @pytest.mark.parametrize('method', ['vanilla', 'dml', 'afd'])
@@ -175,6 +176,26 @@ def test_every_method_steps_under_cpu_bf16_autocast(method):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after)
     assert max((a - b).abs().max().item() for a, b in zip(after, before)) > 1e-3 # trained
     assert all(math.isfinite(v) for v in learn.recorder.values[-1] if v is not None), learn.recorder.values[-1]
+
+class CPUMixedPrecision(MixedPrecision):
+    "fastai's fp16 `MixedPrecision` with its autocast and GradScaler on the CPU (fastai's own are CUDA-only)"
+    def before_fit(self):
+        with warnings.catch_warnings(): warnings.simplefilter('ignore'); super().before_fit() # its CUDA scaler, disabled here
+        self.autocast,self.learn.scaler = torch.autocast('cpu', dtype=torch.float16),torch.amp.GradScaler('cpu', **self.kwargs)
+    def after_fit(self): self.final_scale,self.taken = self.learn.scaler.get_scale(),len(self.scales); super().after_fit()
+
+@pytest.mark.parametrize('init_scale', [2.**16, 2.**10])
+def test_mfd_steps_skipped_at_fastais_first_fp16_scale(init_scale):
+    "Why tests/gpu_precision.py starts fp16 at 2**10: at fastai's 2**16 MFD's gradients overflow all three steps of its fit (as on the GPU)"
+    from afd_fastai.fairness.data import digits_s_dls
+    net = lambda: cifar10s_net(n_out=10, size=16)
+    mp = CPUMixedPrecision(init_scale=init_scale)
+    learn = afd_learner(digits_s_dls(bs=32, seed=0, n_per_class=10), [net()], method='mfd', teacher=net(), cbs=mp)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.02)
+    moved = any(not torch.equal(a, b) for a, b in zip(learn.model.parameters(), before))
+    if init_scale == 2.**16: assert (moved, mp.final_scale, mp.taken) == (False, 2.**13, 0) # 3 steps, each overflowed and halved
+    else: assert (moved, mp.final_scale, mp.taken) == (True, 2.**10, 3) # every step taken
 
 def test_validate_every_beside_stock_callbacks(tmp_path):
     "ValidateEvery with GradientAccumulation, GradientClip and SaveModelCallback: the same weights as validating every epoch; a watcher of validation refused"
