@@ -82,6 +82,8 @@ def test_peak_memory_side_by_side_is_each_alone():
     alone, together = [peak_memory([c])[0] for c in configs], peak_memory(configs)
     assert alone[1] > alone[0] * 1.1 # afd's discriminators and plain loop: more than vanilla, distinguishable
     assert all(abs(t - a) < 0.08 * a for a, t in zip(alone, together)), (alone, together)
+    with pytest.raises(RuntimeError, match=r'Measuring the memory of nope \(library\) failed'): # one process failing: named
+        peak_memory([configs[0], dict(configs[0], method='nope')])
 
 @pytest.mark.parametrize('args,message', [
     (['--precision', 'fp16', '--device', 'cpu'], 'needs a CUDA device'),

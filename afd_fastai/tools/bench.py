@@ -220,12 +220,10 @@ def peak_memory(configs:list):
     code = "import sys, json; from afd_fastai.tools.bench import peak_memory_child; peak_memory_child(json.loads(sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in configs]
-    peaks = []
-    for config, proc in zip(configs, procs):
-        out, err = proc.communicate()
+    done = [(config, proc, *proc.communicate()) for config, proc in zip(configs, procs)] # every process waited for
+    for config, proc, out, err in done:
         if proc.returncode: raise RuntimeError(f"Measuring the memory of {config['method']} ({config['impl']}) failed:\n{err[-2000:]}")
-        peaks.append(json.loads(out.strip().splitlines()[-1])['peak_mib'])
-    return peaks
+    return [json.loads(out.strip().splitlines()[-1])['peak_mib'] for _, _, out, _ in done]
 
 # %% ../../nbs/33_bench.ipynb #14a09ba9
 _precisions = ('fp32', 'fp16', 'bf16')
