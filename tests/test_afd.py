@@ -215,6 +215,24 @@ def test_nan_in_adversarial_loss_stops_training(small_digits):
     for k, v in learn.model.models.named_parameters(): torch.testing.assert_close(v, before[k]) # no weight updated
 
 
+@pytest.mark.parametrize('paper', [False, True])
+def test_non_finite_adversarial_gradients_stop_training(small_digits, paper):
+    "Finite adversarial losses, one infinite gradient (fp32: no scaler to skip the step): stopped there, named, nothing updated"
+    learn = afd_learner(small_digits, ['resnet20', 'resnet20'], paper=paper)
+    cb, grads_of = learn.adversarial_feature, learn.adversarial_feature.grads_of
+    def poisoned(loss, params): # at batch 1, the first gradient of the discriminators' loss gets an infinite entry
+        grads = list(grads_of(loss, params))
+        if cb.iter == 1 and params is cb.disc: grads[0] = grads[0].flatten().index_fill(0, torch.tensor([0]), float('inf')).view_as(grads[0])
+        return tuple(grads)
+    cb.grads_of = poisoned
+    kept = {}
+    class Keep(Callback):
+        def before_batch(self): kept.update({k: v.detach().clone() for k, v in self.learn.model.named_parameters()})
+    with learn.no_bar(), learn.no_logging():
+        with pytest.raises(AdversarialLossError, match='adversarial gradients stopped being finite at epoch 0, batch 1'):
+            learn.fit(1, 0.02, cbs=Keep())
+    for k, v in learn.model.named_parameters(): torch.testing.assert_close(v, kept[k]) # batch 1 updated no weight
+
 def test_fp16_loss_scaling_of_the_adversarial_gradients(small_digits):
     "The second optimiser's own GradScaler, forced on (on CPU fastai's autocast is off): same step, overflow skipped"
     dls = digits_dls(size=16, n_per_class=3, bs=30)

@@ -190,11 +190,13 @@ class AdversarialFeatureCallback(DivergenceWatch, LossColumns, SecondOptimizer):
         if not self.active: return
         model = peer_model(self.learn)
         d_loss, g_loss = adversarial_losses(model.feature_maps, model.adversaries, self.edges)
-        d, g = torch.stack([d_loss.detach(), g_loss.detach()]).float().tolist()
-        if not (math.isfinite(d) and math.isfinite(g)): raise adversarial_failure(self, 'losses', d, g)
         grads = list(self.grads_of(g_loss, self.gen) + self.grads_of(d_loss, self.disc)) # None where a loss does not reach (the heads)
-        if self.second_scaler is None and not torch.stack([torch.isfinite(grad).all() for grad in grads if grad is not None]).all():
-            raise adversarial_failure(self, 'gradients', d, g)
+        checks = [d_loss.detach().float(), g_loss.detach().float()]
+        if self.second_scaler is None: # no scaler to skip an overflowed step: the gradients must be finite (one norm per tensor, all at once)
+            checks.append(torch.stack([n.to(d_loss.device) for n in torch._foreach_norm([p for p in grads if p is not None])]).float().sum())
+        d, g, *norm = torch.stack(checks).tolist() # a step's one read back from the device (a wait for it on a GPU)
+        if not (math.isfinite(d) and math.isfinite(g)): raise adversarial_failure(self, 'losses', d, g)
+        if not all(map(math.isfinite, norm)): raise adversarial_failure(self, 'gradients', d, g)
         self.accumulate(self.gen + self.disc, grads)
         if self.gen_weight: # the extractors' share goes through the Learner's loss, GradientAccumulation and MixedPrecision
             self.learn.loss_grad = self.learn.loss_grad + self.gen_weight * self.ramp() * g_loss
