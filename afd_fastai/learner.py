@@ -40,7 +40,7 @@ from .optim import ForeachAdam
 from .schedule import fit_multistep, MultiStepSchedule
 from .callback.distill import DistillCallback
 from .callback.adversarial import AdversarialFeatureCallback, FeatureAdversary
-from .optim import PeerOptimizer, SecondOptimizer
+from .optim import PeerOptimizer, SecondOptimizer, norms_sum
 from .distributed import PeerDistributedTrainer
 from .topology import as_topology
 from .metrics import peer_metrics
@@ -398,7 +398,7 @@ class StopOnNonFinite(Callback):
         scaled = scaler is not None and scaler.is_enabled() # fp16: the scaler skips steps with infinite gradients
         grads = [] if scaled else [p.grad for p, *_ in self.learn.opt.all_params(with_grad=True)]
         checks = [self.learn.loss_grad.detach().float().sum()] if num_distrib() <= 1 else [] # data-parallel: the gradients, the same everywhere
-        if grads: checks.append(torch.stack([n.to(self.learn.loss_grad.device) for n in torch._foreach_norm(grads)]).float().sum())
+        if grads: checks.append(norms_sum(grads, self.learn.loss_grad.device))
         if checks and not torch.isfinite(torch.stack(checks).sum()).item(): self._fail(grads)
     def _fail(self, grads):
         loss = float(self.learn.loss_grad.detach().float().sum())

@@ -21,7 +21,7 @@ from ..core import PeerModel, peer_model
 from ..losses import adversarial_losses, at_least_fp32
 from ..topology import as_topology
 from ..methods import afd_paper, adv_adam
-from ..optim import SecondOptimizer
+from ..optim import SecondOptimizer, norms_sum
 from .distill import TermCallback
 from ..distributed import all_reduce_mean
 import warnings
@@ -193,7 +193,7 @@ class AdversarialFeatureCallback(DivergenceWatch, LossColumns, SecondOptimizer):
         grads = list(self.grads_of(g_loss, self.gen) + self.grads_of(d_loss, self.disc)) # None where a loss does not reach (the heads)
         checks = [d_loss.detach().float(), g_loss.detach().float()]
         if self.second_scaler is None: # no scaler to skip an overflowed step: the gradients must be finite (one norm per tensor, all at once)
-            checks.append(torch.stack([n.to(d_loss.device) for n in torch._foreach_norm([p for p in grads if p is not None])]).float().sum())
+            checks.append(norms_sum([p for p in grads if p is not None], d_loss.device))
         d, g, *norm = torch.stack(checks).tolist() # a step's one read back from the device (a wait for it on a GPU)
         if not (math.isfinite(d) and math.isfinite(g)): raise adversarial_failure(self, 'losses', d, g)
         if not all(map(math.isfinite, norm)): raise adversarial_failure(self, 'gradients', d, g)
