@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['demo_methods', 'fair_demo_methods', 'data_registry', 'data_sets', 'fair_data_sets', 'comparison_cols', 'DataSet',
            'data_set', 'regime_of', 'resolve_settings', 'make_dls', 'ValidateEvery', 'train_teacher', 'FitClock',
-           'RunSpec', 'train_one', 'summarise', 'markdown_table', 'paired', 'per_network', 'paired_ci', 'read_runs',
-           'describe_regime', 'describe_settings', 'estimate_seconds', 'run_experiment']
+           'RunSpec', 'train_one', 'summarise', 'markdown_table', 'paired', 'per_network', 't_half_width', 'paired_ci',
+           'read_runs', 'describe_regime', 'describe_settings', 'estimate_seconds', 'run_experiment']
 
 # %% ../../nbs/30_experiment.ipynb #e0d86867
 import time, contextlib, os, math, warnings
@@ -419,13 +419,18 @@ def per_network(runs:pd.DataFrame):
             rows.append({**r.drop('acc_nets').to_dict(), 'network': f"{k}:{name}", 'acc': float(acc)})
     return pd.DataFrame(rows)
 
+def t_half_width(values, level:float=0.95):
+    "Half the width of the t-interval at `level` of the mean of `values` (a Series; infinite for fewer than two)"
+    from scipy import stats
+    n = len(values)
+    return stats.t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / n ** 0.5 if n > 1 else float('inf')
+
 def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, method, seed, `col` (a fraction) and maybe tag
               base=('vanilla', 'default'), # the method (or (method, tag)) every other row is compared with, seed by seed
               by=('regime', 'nets', 'epochs'), # the columns that make one comparison (none: the whole table is one)
               level:float=0.95, # confidence of the interval
               lower_is_better:bool=False): # `col` is a gap (e.g. DEO): a difference above 0 is `worse`
     "Per group: each (method, tag)'s paired difference to `base` in points, its t-interval (`lo`, `hi`) and the verdict"
-    from scipy import stats
     if 'tag' not in runs: runs = runs.assign(tag='default')
     if isinstance(base, str): base = (base, 'default')
     up, down = ('worse', 'better') if lower_is_better else ('better', 'worse')
@@ -437,7 +442,7 @@ def paired_ci(runs:pd.DataFrame, col:str='acc_avg', # runs with columns `by`, me
             if (method, tag) == tuple(base): continue
             d = (r.set_index('seed')[col] - ref).dropna() * 100
             n = len(d)
-            half = stats.t.ppf((1 + level) / 2, n - 1) * d.std(ddof=1) / n ** 0.5 if n > 1 else float('inf')
+            half = t_half_width(d, level)
             lo, hi = d.mean() - half, d.mean() + half
             verdict = f'no {base[0]} run of its seeds' if n == 0 else 'too few seeds' if n < 2 else down if hi < 0 else up if lo > 0 else 'within noise'
             rows.append({**dict(zip(by, key)), 'method': method, 'tag': tag, 'seeds': n, 'diff': d.mean(),
