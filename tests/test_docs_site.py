@@ -123,3 +123,14 @@ def test_every_public_name_is_on_its_api_page(site):
             documented = name.lower() in ids if inspect.isfunction(obj) or inspect.isclass(obj) else f'>{name}<' in html
             if not documented: missing.append(f'{page}.{name}')
     assert not missing, f"Public names without documentation on their page: {missing}"
+
+def test_readme_pictures_are_the_pages_outputs():
+    "Each picture the README shows is, byte for byte, an output of an executed page, so re-executing a page with new runs cannot leave a stale copy"
+    import base64
+    root = Path(__file__).parent.parent
+    shown = re.findall(r'!\[[^\]]*\]\((images/[^)]+\.png)\)', (root/'README.md').read_text())
+    assert len(shown) >= 2, f"the README shows {len(shown)} pictures from images/, expected at least 2"
+    outputs = {base64.b64decode(''.join(o['data']['image/png'])) for nb in (root/'nbs').glob('*.ipynb')
+               for c in json.loads(nb.read_text())['cells'] for o in c.get('outputs', []) if 'image/png' in o.get('data', {})}
+    stale = [p for p in shown if (root/p).read_bytes() not in outputs]
+    assert not stale, f"{stale} differ from every page's output: save the page's plot to the file again after executing it"
